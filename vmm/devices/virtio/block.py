@@ -145,6 +145,12 @@ class _WritableStream:
             position += len(view)
         return result
 
+    def release(self) -> None:
+        """Drop the views into guest RAM, so that the memory can be unmapped later."""
+        for view in self.views:
+            view.release()
+        self.views = []
+
     def write(self, start: int, data: bytes) -> None:
         consumed = 0
         for part in self.slices(start, len(data)):
@@ -226,8 +232,11 @@ class Block(VirtioDevice):
             logger.debug("%r: invalid request from head %d: %s", self, chain.head_index, error)
             return 0
         request_type, _reserved, sector = header
-        status, written = self._dispatch(request_type, sector, memory, chain, writable)
-        writable.write(writable.total - STATUS_SIZE, bytes([status]))
+        try:
+            status, written = self._dispatch(request_type, sector, memory, chain, writable)
+            writable.write(writable.total - STATUS_SIZE, bytes([status]))
+        finally:
+            writable.release()
         return written + STATUS_SIZE
 
     def _memory(self) -> GuestMemory:
@@ -292,6 +301,13 @@ class Block(VirtioDevice):
 
     def _write_sectors(self, sector: int, memory: GuestMemory, chain: DescriptorChain) -> int:
         data_parts = self._data_after_header(memory, chain.readable)
+        try:
+            return self._write_parts(sector, data_parts)
+        finally:
+            for part in data_parts:
+                part.release()
+
+    def _write_parts(self, sector: int, data_parts: list[memoryview]) -> int:
         length = sum(len(part) for part in data_parts)
         if self.read_only or not self._check_range(sector, length):
             self.metrics.io_errors += 1
@@ -345,7 +361,7 @@ class Block(VirtioDevice):
         if self.metrics.io_errors & (self.metrics.io_errors - 1) == 0:
             logger.warning(
                 "%r: %s at sector %d failed (%d I/O errors so far): %s",
-                self, operation, sector, self.metrics.io_errors, error,
+                self, operation, sector, self.metrics.io_errors, str(error),
             )
         return VIRTIO_BLK_S_IOERR
 
