@@ -115,7 +115,7 @@ def test_queue_setup_before_features_ok_needs_reset(harness: Harness) -> None:
     assert harness.transport.queues[0].size == BLOCK_QUEUE_SIZE
 
 
-def test_queue_setup_after_driver_ok_needs_reset_and_interrupts(harness: Harness) -> None:
+def test_queue_setup_after_driver_ok(harness: Harness) -> None:
     harness.driver.start([harness.queue])
     harness.driver.write32(mmio.QUEUE_DESC_LOW_OFFSET, 0x8000)
     assert harness.status() & mmio.STATUS_DEVICE_NEEDS_RESET

@@ -1,9 +1,9 @@
 """The i8042 keyboard controller with one AT keyboard, as far as Linux needs them.
 
 The monitor uses it for two things: the guest reboots by pulsing the CPU
-reset line (command 0xFE), and the host asks for a clean shutdown by sending
+reset line (command 0xFE), and the host requests a clean shutdown by sending
 Ctrl-Alt-Del. Linux's i8042 driver also tests the controller and atkbd
-probes the keyboard at boot, so both answer the commands those drivers send.
+probes the keyboard at boot, so the model replies to the commands they send.
 There is no auxiliary (mouse) port; boot the guest with `i8042.noaux`.
 
 The device sits at port 0x60 with length 5: offset 0 is the data port (0x60)
@@ -77,11 +77,11 @@ KBD_RESEND: Final = 0xFE
 KBD_RESET: Final = 0xFF
 KBD_ACK: Final = 0xFA
 KBD_SELF_TEST_PASSED: Final = 0xAA
-# An MF2 keyboard answers GET_ID with AB 83; a translating controller turns 83 into 41.
+# An MF2 keyboard replies to GET_ID with AB 83; a translating controller turns 83 into 41.
 KBD_ID: Final = (0xAB, 0x83)
 KBD_ID_TRANSLATED: Final = (0xAB, 0x41)
 KBD_SCAN_CODE_SET_2: Final = 0x02
-# Commands that take one argument byte, each answered with its own ACK.
+# Commands that take one argument byte; the keyboard acknowledges each byte.
 _COMMANDS_WITH_ARGUMENT: Final = (KBD_SET_LEDS, KBD_SCAN_CODE_SET, KBD_SET_TYPEMATIC)
 # Other commands in 0xF7-0xFD set key modes in scan code set 3; they are acknowledged.
 _ACKNOWLEDGED_COMMANDS: Final = (KBD_ENABLE, KBD_RESET_DISABLE, KBD_RESET_ENABLE, KBD_RESEND,
@@ -248,7 +248,7 @@ class I8042:
     # Keyboard --------------------------------------------------------------------
 
     def _keyboard_write(self, value: int) -> bool:
-        """Answer a keyboard command as an MF2 keyboard does; return whether to interrupt."""
+        """Reply to a keyboard command as an MF2 keyboard does; return whether to interrupt."""
         pending = self._pending_keyboard_command
         if pending is not None:
             self._pending_keyboard_command = None

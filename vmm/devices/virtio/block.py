@@ -161,7 +161,7 @@ class _WritableStream:
 class Block(VirtioDevice):
     """A virtio block device serving one drive from a `BlockBackend`.
 
-    Read-only drives offer VIRTIO_BLK_F_RO and answer writes with IOERR;
+    Read-only drives offer VIRTIO_BLK_F_RO and complete writes with IOERR.
     "Writeback" drives offer VIRTIO_BLK_F_FLUSH and flush the back end on
     T_FLUSH, "Unsafe" drives treat T_FLUSH as done at once.
     """
@@ -253,8 +253,8 @@ class Block(VirtioDevice):
             if len(raw) == REQUEST_HEADER.size:
                 return REQUEST_HEADER.unpack(raw)
         raise InvalidRequest(
-            f"device-readable part holds {len(raw)} bytes, less than the "
-            f"{REQUEST_HEADER.size}-byte request header (5.2.6)"
+            f"request header is truncated: the device-readable buffers contain {len(raw)} "
+            f"bytes, less than {REQUEST_HEADER.size} (5.2.6)"
         )
 
     def _dispatch(

@@ -133,6 +133,6 @@ class VirtioDevice:
         self.acked_features = 0
 
     def signal_used_queue(self, queue: Queue) -> None:
-        """Raise a used-buffer interrupt when `queue` asks for one (2.7.7, 2.7.10)."""
+        """Raise a used-buffer interrupt if the driver of `queue` wants one (2.7.7, 2.7.10)."""
         if self.interrupt is not None and queue.needs_notification():
             self.interrupt.signal_used_queue()

@@ -6,9 +6,9 @@ status state machine of section 3.1.1 and InterruptStatus. It activates the
 device model at DRIVER_OK and forwards queue notifications to it.
 
 Driver mistakes never stop the VM. A status or queue-setup write that breaks
-a rule, or a queue that raises QueueError, sets DEVICE_NEEDS_RESET and (after
-DRIVER_OK) raises a configuration-change interrupt (2.1.2); the device then
-ignores notifications until the driver writes 0 to Status.
+a rule, or a queue that raises QueueError, sets DEVICE_NEEDS_RESET. After
+DRIVER_OK it also raises a configuration-change interrupt (2.1.2). The device
+then ignores notifications until the driver writes 0 to Status.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ _DRIVER_STATUS_BITS: Final = (
     STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED
 )
 
-# Guest-triggered warnings are logged at most once per this many seconds per device.
+# The needs-reset warning of one transport is logged at most once per this many seconds;
+# repeats in between are counted and reported with the next message.
 NEEDS_RESET_LOG_INTERVAL_S: Final = 10.0
 
 

@@ -1,6 +1,7 @@
 """The split virtqueue of virtio 1.2 section 2.7, as seen from the device side.
 
-The driver places three areas in guest RAM and tells the transport where:
+The driver places three areas in guest RAM and writes their addresses to the
+transport:
 
     descriptor table  size * 16 bytes, 16-byte aligned   (2.7.5)
     available ring    flags, idx, ring[size], used_event  (2.7.6), 2-byte aligned
@@ -352,8 +353,8 @@ class Queue:
     def add_used(self, head_index: int, length: int) -> None:
         """Return chain `head_index` to the driver with `length` bytes written (2.7.8).
 
-        The entry is written before the index, so the driver never sees an
-        index that covers an unwritten entry.
+        The entry is written before the index, so the used index never
+        covers an entry that is not yet written.
         """
         if head_index >= self.size:
             raise QueueError(
@@ -371,8 +372,8 @@ class Queue:
         """Tell whether the driver wants an interrupt for the used entries added so far.
 
         Without VIRTIO_F_EVENT_IDX this honours VIRTQ_AVAIL_F_NO_INTERRUPT (2.7.7).
-        With it, the answer is yes when used.idx has moved past used_event since
-        the last notification (2.7.10). Call it once after a batch of add_used.
+        With it, the result is True when used.idx has moved past used_event
+        since the last notification (2.7.10). Call it once after a batch of add_used.
         """
         memory = self._memory()
         if not self.event_idx_enabled:
