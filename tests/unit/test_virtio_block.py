@@ -27,7 +27,11 @@ from vmm.devices.virtio.block import (
     Block,
     FileBackend,
 )
-from vmm.devices.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX
+from vmm.devices.virtio.device import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_MMIO_INT_CONFIG,
+    VIRTIO_RING_F_EVENT_IDX,
+)
 from vmm.memory import GuestMemory
 
 DISK_SECTORS = 32
@@ -96,6 +100,14 @@ def test_partial_last_sector_not_counted(memory: GuestMemory) -> None:
         file.truncate(3 * SECTOR_SIZE + 100)
         device = Block("d", FileBackend(file.fileno()))
         assert device.capacity_sectors == 3
+
+
+def test_capacity_change_interrupts_driver(disk: Disk) -> None:
+    os.ftruncate(disk.fd, 2 * DISK_SECTORS * SECTOR_SIZE)
+    disk.device.update_capacity()
+    assert disk.device.capacity_sectors == 2 * DISK_SECTORS
+    assert disk.irq_count == 1
+    assert disk.transport.interrupt.status & VIRTIO_MMIO_INT_CONFIG
 
 
 def test_features_follow_drive_options(memory: GuestMemory, disk_fd: int) -> None:

@@ -136,6 +136,12 @@ def test_status_clearing_bit_needs_reset(harness: Harness) -> None:
     assert harness.status() & mmio.STATUS_DEVICE_NEEDS_RESET
 
 
+def test_failed_bit_accepted_any_time(harness: Harness) -> None:
+    harness.driver.set_status(mmio.STATUS_ACKNOWLEDGE)
+    harness.driver.set_status(mmio.STATUS_FAILED)
+    assert harness.status() == mmio.STATUS_ACKNOWLEDGE | mmio.STATUS_FAILED
+
+
 def test_status_write_zero_resets_everything(harness: Harness) -> None:
     harness.driver.start([harness.queue])
     harness.driver.write32(mmio.QUEUE_DESC_LOW_OFFSET, 0)

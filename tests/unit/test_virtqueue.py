@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.virtio_driver import TEST_RAM_SIZE, Buffer, VirtqueueDriver
 from vmm.devices.virtio.queue import (
@@ -280,3 +282,44 @@ def test_event_idx_publishes_avail_event(memory: GuestMemory) -> None:
 )
 def test_vring_need_event_wraps(event: int, new: int, old: int, expected: bool) -> None:
     assert vring_need_event(event, new, old) is expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    table=st.lists(
+        st.tuples(st.integers(0, 0x2_0000), st.integers(0, 0x2000), st.integers(0, 7),
+                  st.integers(0, QUEUE_SIZE)),
+        min_size=QUEUE_SIZE, max_size=QUEUE_SIZE,
+    ),
+    heads=st.lists(st.integers(0, QUEUE_SIZE), min_size=1, max_size=QUEUE_SIZE),
+    indirect=st.booleans(),
+)
+def test_random_descriptor_tables_raise_only_queue_error(
+    table: list[tuple[int, int, int, int]], heads: list[int], indirect: bool
+) -> None:
+    """2.7: whatever the driver writes, pop returns a valid chain, None, or QueueError.
+
+    Accepted: chains whose buffers lie inside guest RAM with readable buffers
+    first. Rejected with QueueError: everything else. Any other exception fails.
+    """
+    memory = GuestMemory([(0, 0x2_0000)])
+    try:
+        queue, driver = make_queue(memory, indirect=indirect)
+        for index, (address, length, flags, next_index) in enumerate(table):
+            driver.write_descriptor(driver.desc_table, index, address, length, flags, next_index)
+        for head in heads:
+            driver.publish(head)
+        for _ in range(len(heads)):
+            try:
+                chain = queue.pop()
+            except QueueError:
+                continue
+            assert chain is not None
+            assert len(chain.descriptors) <= QUEUE_SIZE
+            for descriptor in chain.descriptors:
+                assert memory.contains(descriptor.address, descriptor.length)
+            writable_seen = [d.is_write_only for d in chain.descriptors]
+            assert writable_seen == sorted(writable_seen)
+        assert queue.pop() is None
+    finally:
+        memory.close()

@@ -146,9 +146,11 @@ class Serial:
 
     def read(self, offset: int, data: bytearray) -> None:
         """Fill `data` (one byte; wider accesses read the register in byte 0)."""
+        if not data:
+            return
         with self._lock:
             value = self._read_register(offset)
-        data[:] = bytes([value]) + bytes(len(data) - 1) if data else b""
+        data[:] = bytes([value]) + bytes(len(data) - 1)
 
     def write(self, offset: int, data: bytes) -> None:
         """Write byte 0 of `data` to the register at `offset`."""

@@ -202,7 +202,8 @@ class Block(VirtioDevice):
     def update_capacity(self) -> None:
         """Read the back end's size again and publish it in configuration space (5.2.4).
 
-        After activation the caller also raises a configuration-change interrupt.
+        An activated device also raises a configuration-change interrupt, so the
+        guest rereads the capacity.
         """
         with self.lock:
             self.disk_size = self.backend.size
@@ -210,6 +211,8 @@ class Block(VirtioDevice):
                 self.capacity_sectors.to_bytes(CONFIG_CAPACITY_SIZE, "little")
             )
             self.config_generation += 1
+            if self.interrupt is not None:
+                self.interrupt.signal_config_change()
 
     def process_queue(self, index: int) -> None:
         """Serve every available request on the request queue, then interrupt once."""
