@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vmm.arch.x86_64 import acpi, aml, layout
 from vmm.arch.x86_64.acpi import (
@@ -62,8 +64,8 @@ def test_aml_integer_out_of_range_rejected() -> None:
 
 @pytest.mark.parametrize("body_length, encoded", [
     (0, "01"),
-    (62, "3f"),
-    (63, "4104"),  # total 65 = 0x41: one follow byte
+    (61, "3e"),  # total 62, the largest that fits the lead byte alone
+    (62, "4004"),  # total 64 = 0x40: one follow byte
     (4093, "4fff"),  # total 4095 is the largest with one follow byte
     (4094, "810001"),  # total 4097 needs two follow bytes
     (0x100000, "c4000001"),  # total 0x100004 needs three follow bytes
@@ -72,15 +74,39 @@ def test_aml_pkg_length(body_length: int, encoded: str) -> None:
     assert aml.pkg_length(body_length).hex() == encoded
 
 
-def test_aml_pkg_length_counts_itself() -> None:
-    for body_length in (0, 62, 63, 4093, 4094, 1 << 20):
-        lead = aml.pkg_length(body_length)
-        follow = lead[0] >> 6
-        if follow == 0:
-            total = lead[0] & 0x3F
-        else:
-            total = lead[0] & 0x0F | int.from_bytes(lead[1:], "little") << 4
-        assert total == body_length + len(lead)
+@given(st.integers(min_value=0, max_value=(1 << 28) - 5))
+def test_aml_pkg_length_counts_itself(body_length: int) -> None:
+    """ACPI 6.3 section 20.2.4: PkgLength includes its own bytes, and bits 7-6 of
+    the lead byte give the number of follow bytes."""
+    encoded = aml.pkg_length(body_length)
+    follow = encoded[0] >> 6
+    assert len(encoded) == follow + 1
+    if follow == 0:
+        total = encoded[0] & 0x3F
+    else:
+        assert encoded[0] & 0x30 == 0
+        total = encoded[0] & 0x0F | int.from_bytes(encoded[1:], "little") << 4
+    assert total == body_length + len(encoded)
+
+
+def test_aml_pkg_length_too_large_rejected() -> None:
+    with pytest.raises(aml.AmlError, match="PkgLength limit"):
+        aml.pkg_length(1 << 28)
+
+
+@given(st.integers(min_value=0, max_value=(1 << 64) - 1))
+def test_aml_integer_decodes_back(value: int) -> None:
+    encoded = aml.integer(value)
+    sizes = {0x0A: 1, 0x0B: 2, 0x0C: 4, 0x0E: 8}
+    if encoded[0] in (aml.ZERO_OP, aml.ONE_OP):
+        assert len(encoded) == 1
+        assert encoded[0] == value
+        return
+    size = sizes[encoded[0]]
+    assert len(encoded) == 1 + size
+    assert int.from_bytes(encoded[1:], "little") == value
+    assert value > 1
+    assert size == 1 or value >= 1 << (8 * size // 2), "not the shortest encoding"
 
 
 @pytest.mark.parametrize("path, encoded", [

@@ -57,7 +57,10 @@ MADT_ALL_PROCESSORS: Final = 0xFF
 # MPS INTI flags 0: polarity and trigger mode conform to the bus.
 MADT_INTI_CONFORMS: Final = 0
 ISA_BUS: Final = 0
-# ISA IRQ 0 (the PIT) reaches IOAPIC pin 2, as on PC hardware and KVM's in-kernel irqchip.
+# ISA IRQ 0 (the PIT) is wired to IOAPIC pin 2, as on PC hardware.
+# NOTE: KVM's default GSI routing sends GSI 0 to IOAPIC pin 0, so this override
+# holds only if the VM installs a GSI 0 -> pin 2 route. Linux in hardware-reduced
+# ACPI mode sets up no PIT timer interrupt, which keeps the mismatch harmless there.
 PIT_ISA_IRQ: Final = 0
 PIT_GSI: Final = 2
 LINT1: Final = 1

@@ -31,15 +31,14 @@ RETURN_OP: Final = 0xA4
 EXT_OP_PREFIX: Final = 0x5B
 DEVICE_OP: Final = 0x82  # after EXT_OP_PREFIX
 # 20.2.2 Name Objects Encoding.
-ROOT_CHAR: Final = ord("\\")
-PARENT_PREFIX_CHAR: Final = ord("^")
 DUAL_NAME_PREFIX: Final = 0x2E
 MULTI_NAME_PREFIX: Final = 0x2F
 NAME_SEG_SIZE: Final = 4
 
-# 20.2.4 Package Length Encoding: one byte holds up to 63; with 1-3 follow bytes
-# the lead byte keeps 4 bits, so the limits are 2^12, 2^20 and 2^28.
-_PKG_LENGTH_ONE_BYTE_MAX: Final = 0x3F
+# 20.2.4 Package Length Encoding: the lead byte alone is used only for lengths
+# below 63. With 1-3 follow bytes the lead byte keeps 4 bits, so the limits are
+# 2^12, 2^20 and 2^28.
+_PKG_LENGTH_ONE_BYTE_LIMIT: Final = 63
 _PKG_LENGTH_MAX: Final = (1 << 28) - 1
 
 # 6.4.2 Small Resource Data Type: tag byte = item name << 3 | length.
@@ -151,7 +150,7 @@ def eisa_id(text: str) -> bytes:
 
 def pkg_length(body_length: int) -> bytes:
     """Encode the PkgLength for `body_length` bytes that follow it; it counts itself."""
-    if body_length + 1 <= _PKG_LENGTH_ONE_BYTE_MAX:
+    if body_length + 1 < _PKG_LENGTH_ONE_BYTE_LIMIT:
         return bytes([body_length + 1])
     for follow_bytes in (1, 2, 3):
         total = body_length + 1 + follow_bytes

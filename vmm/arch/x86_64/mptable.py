@@ -1,9 +1,10 @@
 """The Intel MultiProcessor Specification 1.4 table, for guest kernels without ACPI.
 
-Layout (MP spec 1.4, chapter 4): a 16-byte floating pointer structure at
-layout.MPTABLE_START, the start of the EBDA where Linux scans for it, followed by
-the configuration table: a "PCMP" header and then base entries in the order the
-spec requires (processors, buses, I/O APICs, I/O interrupts, local interrupts).
+Layout (MP spec 1.4, chapter 4): a 16-byte floating pointer structure sits at
+layout.MPTABLE_START, the start of the EBDA, where Linux scans for it. The
+configuration table follows it: a "PCMP" header, then the base entries in the
+order the spec requires (processors, buses, I/O APICs, I/O interrupts, local
+interrupts). Structure and field names follow Linux `asm/mpspec_def.h`.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ IOAPIC_ENABLED: Final = 1 << 0
 # irqchip reports in its version registers.
 LAPIC_VERSION: Final = 0x14
 IOAPIC_VERSION: Final = 0x11
-# CPU signature family 6 and feature flags FPU (bit 0) and APIC (bit 9) from
-# CPUID leaf 1. Linux reads the real values from CPUID, so these only describe.
+# CPU signature family 6 and feature flags FPU (bit 0) and APIC (bit 9), in the
+# CPUID leaf 1 format. Linux reads the real values from CPUID, so these are
+# informational.
 CPU_SIGNATURE: Final = 0x600
 CPU_FEATURE_FLAGS: Final = 1 << 0 | 1 << 9
 
