@@ -112,7 +112,10 @@ class Console:
     def _feed_serial(self) -> None:
         if not self._pending or self.serial is None:
             return
-        accepted = self.serial.enqueue_input(bytes(self._pending))
+        space = self.serial.input_space()
+        if space <= 0:
+            return
+        accepted = self.serial.enqueue_input(bytes(self._pending[:space]))
         self.bytes_in += accepted
         del self._pending[:accepted]
         if (

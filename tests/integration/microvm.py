@@ -110,9 +110,12 @@ class Monitor:
             if not self.process.isalive():
                 break
             time.sleep(0.01)
+        output = ""
+        if not self.process.isalive():
+            output = self.process.read_nonblocking(CONSOLE_TAIL_CHARS, timeout=1) or ""
         raise AssertionError(
             f"API socket {self.socket_path} not ready after {timeout_s} s; "
-            f"log:\n{self.read_log()[-CONSOLE_TAIL_CHARS:]}"
+            f"output:\n{output}\nlog:\n{self.read_log()[-CONSOLE_TAIL_CHARS:]}"
         )
 
     def expect(self, pattern: str, timeout_s: float) -> re.Match[str]:

@@ -1,0 +1,304 @@
+"""Build a bootable x86-64 machine from VmResources: KVM VM, memory, devices, boot state.
+
+The order follows what KVM requires: the in-kernel irqchip exists before any
+vCPU is created (KVM API documentation, KVM_CREATE_IRQCHIP), memory slots are
+registered before the boot structures are written, and every vCPU gets its
+CPUID before its MSRs and registers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from vmm.arch.x86_64 import layout
+from vmm.arch.x86_64.acpi import write_acpi_tables
+from vmm.arch.x86_64.bootparams import (
+    build_e820,
+    rng_seed_entry,
+    write_cmdline,
+    write_setup_data,
+    write_zero_page,
+)
+from vmm.arch.x86_64.cpuid import normalize_cpuid
+from vmm.arch.x86_64.emulation import InstructionFallback
+from vmm.arch.x86_64.interrupts import setup_lapic
+from vmm.arch.x86_64.loader import KernelLoaderError, load_initrd, load_kernel
+from vmm.arch.x86_64.mptable import write_mptable
+from vmm.arch.x86_64.msrs import setup_msrs
+from vmm.arch.x86_64.regs import setup_fpu, setup_regs, setup_sregs
+from vmm.console import Console
+from vmm.devices.bus import Bus
+from vmm.devices.legacy.boot_timer import BootTimer
+from vmm.devices.legacy.i8042 import I8042
+from vmm.devices.legacy.serial import Serial
+from vmm.devices.virtio.block import Block, FileBackend
+from vmm.devices.virtio.mmio import QUEUE_NOTIFY_OFFSET, MmioTransport
+from vmm.errors import StartError
+from vmm.eventloop import EventLoop
+from vmm.kvm.ioctl import KvmError
+from vmm.kvm.system import Kvm, KvmCap, Vm
+from vmm.memory import GuestMemory, GuestMemoryError
+from vmm.resources import Drive, VmResources
+from vmm.vcpu import VcpuThread
+
+if TYPE_CHECKING:
+    from vmm.vm import MicroVm
+
+log = logging.getLogger(__name__)
+
+# Addresses KVM needs for its real-mode TSS and identity-map page on Intel hosts
+# (KVM_SET_TSS_ADDR, KVM_SET_IDENTITY_MAP_ADDR): three pages plus one, just below
+# the BIOS area at the top of the 32-bit space, inside the MMIO gap.
+KVM_TSS_ADDRESS = 0xFFFB_D000
+KVM_IDENTITY_MAP_ADDRESS = 0xFFFB_C000
+# KVM_CREATE_PIT2 flag: emulate the PC speaker port as a dummy (linux/kvm.h).
+KVM_PIT_SPEAKER_DUMMY = 1
+SECTOR_SIZE = 512
+
+
+@dataclass
+class VirtioSlot:
+    transport: MmioTransport
+    base: int
+    irq: int
+    irqfd: int
+    ioeventfds: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Machine:
+    """Everything one running VM owns; `close()` releases it all."""
+
+    kvm: Kvm
+    vm: Vm
+    memory: GuestMemory
+    event_loop: EventLoop
+    console: Console
+    serial: Serial
+    i8042: I8042
+    pio_bus: Bus
+    mmio_bus: Bus
+    fallback: InstructionFallback | None
+    boot_timer: BootTimer | None = None
+    vcpu_threads: list[VcpuThread] = field(default_factory=list)
+    blocks: dict[str, Block] = field(default_factory=dict)
+    virtio_slots: list[VirtioSlot] = field(default_factory=list)
+    eventfds: list[int] = field(default_factory=list)
+    files: list[int] = field(default_factory=list)
+    cmdline: str = ""
+
+    def start(self) -> None:
+        self.event_loop.start()
+        for thread in self.vcpu_threads:
+            thread.start()
+
+    def replace_drive_file(self, drive_id: str, path_on_host: str) -> None:
+        block = self.blocks.get(drive_id)
+        if block is None:
+            raise StartError(f"drive {drive_id!r} is not attached to the running microVM")
+        fd = _open_drive_file(path_on_host, block.read_only)
+        self.files.append(fd)
+        block.backend = FileBackend(fd)
+        block.update_capacity()
+        for slot in self.virtio_slots:
+            if slot.transport.device is block and block.is_activated:
+                slot.transport.interrupt.signal_config_change()
+
+    def close(self) -> None:
+        self.event_loop.close()
+        self.console.close()
+        for thread in self.vcpu_threads:
+            thread.vcpu.close()
+        for fd in self.eventfds + self.files:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.vm.close()
+        self.kvm.close()
+        self.memory.close()
+
+
+def build_machine(owner: MicroVm, resources: VmResources) -> Machine:
+    """Create and wire the VM; raise StartError with the reason on any failure."""
+    try:
+        return _build(owner, resources)
+    except (KvmError, GuestMemoryError, KernelLoaderError, OSError, ValueError) as error:
+        raise StartError(f"cannot build the microVM: {error}") from error
+
+
+def _build(owner: MicroVm, resources: VmResources) -> Machine:
+    machine_config = resources.machine_config
+    kvm = Kvm()
+    vm = kvm.create_vm()
+    vm.set_tss_address(KVM_TSS_ADDRESS)
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+    vm.create_irqchip()
+    vm.create_pit2(KVM_PIT_SPEAKER_DUMMY)
+
+    memory = GuestMemory(layout.guest_ram_ranges(machine_config.mem_size_mib << 20))
+    for slot, region in enumerate(memory.regions):
+        vm.set_user_memory_region(slot, region.guest_base, region.size, region.host_address)
+
+    event_loop = EventLoop(name="fc_vmm")
+    console = Console(owner.console_input, owner.console_output, owner.on_console_output)
+    pio_bus, mmio_bus = Bus("pio"), Bus("mmio")
+    eventfds: list[int] = []
+
+    def irq_trigger(gsi: int):
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        eventfds.append(fd)
+        vm.irqfd(fd, gsi)
+        return lambda: os.eventfd_write(fd, 1)
+
+    serial = Serial(irq_trigger(layout.SERIAL_COM1_IRQ), console.write_output)
+    pio_bus.insert(serial, layout.SERIAL_COM1_PORT, layout.SERIAL_PORT_COUNT)
+    i8042 = I8042(irq_trigger(layout.I8042_IRQ), owner.on_guest_reset)
+    pio_bus.insert(i8042, layout.I8042_DATA_PORT, 5)
+    boot_timer = None
+    if owner.boot_timer_enabled:
+        boot_timer = BootTimer()
+        mmio_bus.insert(boot_timer, layout.BOOT_TIMER_ADDRESS, layout.BOOT_TIMER_SIZE)
+
+    machine = Machine(
+        kvm=kvm,
+        vm=vm,
+        memory=memory,
+        event_loop=event_loop,
+        console=console,
+        serial=serial,
+        i8042=i8042,
+        pio_bus=pio_bus,
+        mmio_bus=mmio_bus,
+        fallback=owner.fallback_for(memory),
+        boot_timer=boot_timer,
+        eventfds=eventfds,
+    )
+    for drive in resources.drives:
+        _attach_drive(machine, drive, irq_trigger)
+
+    machine.cmdline = _compose_cmdline(owner.default_boot_args(resources), resources, machine)
+    entry = _write_boot_structures(machine, resources)
+    _create_vcpus(owner, machine, resources, entry)
+    console.attach(serial, event_loop)
+    if boot_timer is not None:
+        boot_timer.start_clock()
+    log.info("kernel command line: %s", machine.cmdline)
+    return machine
+
+
+def _open_drive_file(path: str, read_only: bool) -> int:
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+    try:
+        return os.open(path, flags)
+    except OSError as error:
+        raise StartError(f"cannot open drive file {path}: {error.strerror}") from error
+
+
+def _attach_drive(machine: Machine, drive: Drive, irq_trigger) -> None:
+    index = len(machine.virtio_slots)
+    base, irq = layout.virtio_mmio_slot(index)
+    fd = _open_drive_file(drive.path_on_host, drive.is_read_only)
+    machine.files.append(fd)
+    block = Block(drive.drive_id, FileBackend(fd), drive.is_read_only, drive.cache_type)
+    trigger = irq_trigger(irq)
+    transport = MmioTransport(block, machine.memory, trigger)
+    machine.mmio_bus.insert(transport, base, layout.VIRTIO_MMIO_SIZE)
+    slot = VirtioSlot(transport, base, irq, machine.eventfds[-1])
+    for queue_index in range(len(block.queue_max_sizes)):
+        fd_notify = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        machine.eventfds.append(fd_notify)
+        machine.vm.ioeventfd(fd_notify, base + QUEUE_NOTIFY_OFFSET, 4, queue_index)
+        machine.event_loop.add_reader(
+            fd_notify, _queue_notifier(fd_notify, transport, queue_index)
+        )
+        slot.ioeventfds.append(fd_notify)
+    machine.virtio_slots.append(slot)
+    machine.blocks[drive.drive_id] = block
+
+
+def _queue_notifier(fd: int, transport: MmioTransport, queue_index: int):
+    def notify() -> None:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            return
+        transport.notify(queue_index)
+
+    return notify
+
+
+def _compose_cmdline(base_args: str, resources: VmResources, machine: Machine) -> str:
+    """Append the root device and one virtio_mmio.device= entry per device.
+
+    The entries serve kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and
+    no ACPI; a kernel that also reads the DSDT finds the same devices there
+    first, and its command-line duplicates then fail to claim the busy ranges.
+    """
+    parts = [base_args.strip()]
+    root = next((drive for drive in resources.drives if drive.is_root_device), None)
+    if root is not None and "root=" not in base_args:
+        mode = "ro" if root.is_read_only else "rw"
+        device = f"PARTUUID={root.partuuid}" if root.partuuid else "/dev/vda"
+        parts.append(f"root={device} {mode}")
+    for slot in machine.virtio_slots:
+        parts.append(f"virtio_mmio.device=4K@{slot.base:#x}:{slot.irq}")
+    return " ".join(part for part in parts if part)
+
+
+def _write_boot_structures(machine: Machine, resources: VmResources) -> int:
+    memory = machine.memory
+    boot_source = resources.boot_source
+    assert boot_source is not None
+    kernel = load_kernel(memory, boot_source.kernel_image_path)
+    initrd = None
+    if boot_source.initrd_path:
+        initrd = load_initrd(memory, boot_source.initrd_path, kernel.initrd_addr_max(), kernel)
+    vcpu_count = resources.machine_config.vcpu_count
+    devices = [(slot.base, layout.VIRTIO_MMIO_SIZE, slot.irq) for slot in machine.virtio_slots]
+    write_mptable(memory, vcpu_count)
+    rsdp_address = write_acpi_tables(memory, vcpu_count, devices)
+    write_cmdline(memory, machine.cmdline)
+    setup_data_address = write_setup_data(memory, [rng_seed_entry(os.urandom(32))])
+    e820 = build_e820([(region.guest_base, region.size) for region in memory.regions])
+    write_zero_page(
+        memory,
+        kernel,
+        cmdline_address=layout.CMDLINE_START,
+        cmdline_size=len(machine.cmdline) + 1,
+        initrd=initrd,
+        e820=e820,
+        setup_data_address=setup_data_address,
+        acpi_rsdp_address=rsdp_address,
+    )
+    return kernel.entry
+
+
+def _create_vcpus(owner: MicroVm, machine: Machine, resources: VmResources, entry: int) -> None:
+    config = resources.machine_config
+    supported = machine.kvm.get_supported_cpuid()
+    tsc_deadline = bool(machine.kvm.check_extension(KvmCap.TSC_DEADLINE_TIMER))
+    for index in range(config.vcpu_count):
+        vcpu = machine.vm.create_vcpu(index)
+        cpuid = normalize_cpuid(
+            supported, index, config.vcpu_count, config.smt, tsc_deadline=tsc_deadline
+        )
+        vcpu.set_cpuid2(cpuid)
+        setup_msrs(vcpu)
+        setup_regs(vcpu, entry, layout.ZERO_PAGE_START)
+        setup_sregs(vcpu, machine.memory)
+        setup_fpu(vcpu)
+        setup_lapic(vcpu)
+        machine.vcpu_threads.append(
+            VcpuThread(
+                index,
+                vcpu,
+                machine.pio_bus,
+                machine.mmio_bus,
+                machine.fallback,
+                owner.on_vcpu_stop,
+            )
+        )

@@ -1,0 +1,244 @@
+"""The microVM runtime: builds a VM from its resources, boots it, and reports how it ended.
+
+`MicroVm` is what the API controller calls on InstanceStart. It creates the KVM
+VM, guest memory, legacy and virtio devices with their ioeventfds and irqfds,
+writes the boot structures, and starts the event-loop thread and one thread per
+vCPU. `wait()` returns the process exit code:
+
+    0  the guest reset (i8042 pulse, reboot, panic with reboot=k) or shut down
+    1  the VM could not be built, or a vCPU stopped on an error
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, BinaryIO
+
+from vmm.arch.x86_64 import layout
+from vmm.arch.x86_64.emulation import (
+    EMULATING_HOST_BOOT_ARGS,
+    INIT_DIED_MARKER,
+    HostKind,
+    InstructionFallback,
+    detect_host_kind,
+)
+from vmm.console import Console
+from vmm.devices.bus import Bus
+from vmm.errors import StartError
+from vmm.eventloop import EventLoop
+from vmm.metrics import FLUSH_INTERVAL_S, Metrics
+from vmm.resources import DEFAULT_BOOT_ARGS, VmResources
+from vmm.vcpu import StopReason, VcpuThread, install_kick_handler, wait_all
+
+if TYPE_CHECKING:
+    from vmm.builder import Machine
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+
+# Devices this build can create; any other configured device fails InstanceStart.
+_UNSUPPORTED_DEVICE_FIELDS = {
+    "network_interfaces": "network interface",
+    "vsock": "vsock device",
+    "balloon": "balloon device",
+    "entropy": "entropy device",
+}
+
+
+@dataclass
+class BootFigures:
+    """Timestamps of one boot, for the log, metrics and budget tests."""
+
+    instance_start_monotonic: float = 0.0
+    instance_start_cpu: float = 0.0
+    build_ms: float = 0.0
+
+
+@dataclass
+class _StopState:
+    event: threading.Event = field(default_factory=threading.Event)
+    exit_code: int = EXIT_OK
+    reason: StopReason | None = None
+    detail: str = ""
+
+
+class MicroVm:
+    """The runtime the API controller drives; one VM per process, as in Firecracker."""
+
+    def __init__(
+        self,
+        instance_id: str = "anonymous-instance",
+        boot_timer: bool = False,
+        metrics_path: str | None = None,
+        console_input: BinaryIO | None = None,
+        console_output: BinaryIO | None = None,
+    ) -> None:
+        self.instance_id = instance_id
+        self.boot_timer_enabled = boot_timer
+        self.metrics = Metrics()
+        if metrics_path:
+            self.metrics.open(metrics_path)
+        self.console_input = console_input if console_input is not None else sys.stdin.buffer
+        self.console_output = console_output if console_output is not None else sys.stdout.buffer
+        self.host_kind = detect_host_kind()
+        self.figures = BootFigures()
+        self._stop = _StopState()
+        self._machine: Machine | None = None
+        if threading.current_thread() is threading.main_thread():
+            install_kick_handler()
+
+    # --- Runtime interface used by vmm.controller ------------------------------------------
+
+    def start(self, resources: VmResources) -> None:
+        """Build the VM and start its vCPUs; raise StartError naming what failed."""
+        self._check_supported(resources)
+        self.figures.instance_start_monotonic = time.monotonic()
+        self.figures.instance_start_cpu = time.process_time()
+        if self.host_kind is HostKind.EMULATING:
+            log.warning(
+                "this host's KVM runs guest supervisor code in a software emulator (no "
+                "VMX/SVM): adding kernel parameters that avoid instructions it cannot run, "
+                "completing FWAIT and INT3 in the monitor, and guest user space cannot run"
+            )
+        from vmm.builder import build_machine  # deferred: keeps API start-up light
+
+        self._machine = build_machine(self, resources)
+        self.figures.build_ms = (time.monotonic() - self.figures.instance_start_monotonic) * 1e3
+        self._register_metrics(self._machine)
+        self._machine.start()
+        self.metrics.flush()
+        self._machine.event_loop.add_periodic(FLUSH_INTERVAL_S, self.metrics.flush)
+        log.info("microVM started in %.1f ms", self.figures.build_ms)
+
+    def send_ctrl_alt_del(self) -> None:
+        if self._machine is None:
+            raise StartError("the microVM is not running")
+        self._machine.i8042.trigger_ctrl_alt_del()
+
+    def update_drive(self, drive_id: str, path_on_host: str | None) -> None:
+        if self._machine is None or path_on_host is None:
+            return
+        self._machine.replace_drive_file(drive_id, path_on_host)
+
+    def flush_metrics(self) -> None:
+        self.metrics.flush()
+
+    def wait(self) -> int:
+        self._stop.event.wait()
+        self._teardown()
+        return self._stop.exit_code
+
+    def shutdown(self, exit_code: int) -> None:
+        self._request_stop(StopReason.REQUESTED, "shutdown requested", exit_code)
+
+    # --- Internals -------------------------------------------------------------------------
+
+    def default_boot_args(self, resources: VmResources) -> str:
+        boot_source = resources.boot_source
+        args = boot_source.boot_args if boot_source and boot_source.boot_args else DEFAULT_BOOT_ARGS
+        if self.host_kind is HostKind.EMULATING:
+            args = f"{args} {EMULATING_HOST_BOOT_ARGS}"
+        return args
+
+    def fallback_for(self, memory: object) -> InstructionFallback | None:
+        if self.host_kind is HostKind.EMULATING:
+            return InstructionFallback(memory)  # type: ignore[arg-type]
+        return None
+
+    def on_console_output(self, data: bytes, tail: bytes) -> None:
+        if self.host_kind is HostKind.EMULATING and INIT_DIED_MARKER in tail:
+            log.error(
+                "the guest's init died: on this host (KVM emulating guest supervisor code, "
+                "no VMX/SVM) guest user space cannot run, so the first system call of "
+                "init faults; the guest kernel booted up to the hand-over to init"
+            )
+
+    def on_guest_reset(self) -> None:
+        self._request_stop(StopReason.RESET, "the guest reset the machine (i8042)", EXIT_OK)
+
+    def on_vcpu_stop(self, index: int, reason: StopReason, detail: str) -> None:
+        code = EXIT_ERROR if reason is StopReason.ERROR else EXIT_OK
+        if reason is StopReason.ERROR:
+            log.error("vcpu %d stopped: %s", index, detail)
+        self._request_stop(reason, detail, code)
+
+    def _request_stop(self, reason: StopReason, detail: str, exit_code: int) -> None:
+        if self._stop.event.is_set():
+            return
+        self._stop.reason, self._stop.detail, self._stop.exit_code = reason, detail, exit_code
+        log.info("microVM stopping: %s (%s), exit code %d", reason.value, detail, exit_code)
+        if self._machine is not None:
+            for thread in self._machine.vcpu_threads:
+                thread.stop()
+        self._stop.event.set()
+
+    def _check_supported(self, resources: VmResources) -> None:
+        if resources.boot_source is None:
+            raise StartError("Cannot start microvm without kernel configuration.")
+        for attribute, device in _UNSUPPORTED_DEVICE_FIELDS.items():
+            if getattr(resources, attribute, None):
+                raise StartError(
+                    f"a {device} is configured, but this build of the monitor cannot create "
+                    "it yet; remove it from the configuration"
+                )
+
+    def _register_metrics(self, machine: Machine) -> None:
+        def vcpu_metrics() -> dict[str, int | float]:
+            totals: dict[str, int | float] = {}
+            for thread in machine.vcpu_threads:
+                for name, value in thread.counters.by_reason.items():
+                    key = f"exit_{name.lower()}"
+                    totals[key] = totals.get(key, 0) + value
+            return totals
+
+        self.metrics.register("vcpu", vcpu_metrics)
+        if machine.fallback is not None:
+            fallback = machine.fallback
+            self.metrics.register(
+                "emulation",
+                lambda: {
+                    "fwait_completed": fallback.counters.fwait,
+                    "int3_delivered": fallback.counters.int3,
+                    "failed": fallback.counters.failed,
+                },
+            )
+        self.metrics.register("uart", machine.console.metrics)
+
+    def _teardown(self) -> None:
+        machine = self._machine
+        if machine is None:
+            return
+        wait_all(machine.vcpu_threads, timeout_s=5.0)
+        self.metrics.flush()
+        self._log_summary(machine)
+        machine.close()
+        self.metrics.close()
+        self._machine = None
+
+    def _log_summary(self, machine: Machine) -> None:
+        exits: dict[str, int] = {}
+        for thread in machine.vcpu_threads:
+            for name, value in thread.counters.by_reason.items():
+                exits[name] = exits.get(name, 0) + value
+        fallback = machine.fallback
+        fallbacks = (
+            f"fwait={fallback.counters.fwait} int3={fallback.counters.int3}"
+            if fallback is not None
+            else "none (hardware virtualisation)"
+        )
+        uptime_s = time.monotonic() - self.figures.instance_start_monotonic
+        log.info(
+            "microVM ran %.1f s; vcpu exits: %s (total %d); emulation fallbacks: %s",
+            uptime_s,
+            " ".join(f"{name}={count}" for name, count in sorted(exits.items())),
+            sum(exits.values()),
+            fallbacks,
+        )
+
