@@ -85,7 +85,10 @@ def require_tools(tools: Iterable[str]) -> None:
 
 
 def package_versions(packages: Iterable[str]) -> dict[str, str]:
-    """Return {package: installed version} from dpkg-query; raise ImageError if one is absent."""
+    """Return {package: installed version} from dpkg-query.
+
+    Raise ImageError naming the packages that are not installed.
+    """
     names = sorted(set(packages))
     result = subprocess.run(
         [find_tool("dpkg-query"), "-W", "-f", "${Package} ${Version} ${db:Status-Status}\n"]
@@ -125,7 +128,7 @@ def package_owning(path: Path) -> str:
 
 
 def run(command: Sequence[str], cwd: Path | None = None) -> str:
-    """Run `command` to completion and return its stdout; raise ImageError if it fails."""
+    """Run `command` to completion and return its stdout. Raise ImageError if it fails."""
     result = subprocess.run(
         list(command), cwd=cwd, capture_output=True, text=True, check=False
     )

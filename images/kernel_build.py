@@ -45,10 +45,14 @@ class KernelImages:
 
 
 def kernel_inputs() -> tuple[list[Path], dict[str, str]]:
-    """Return the files and the package versions the kernel build depends on."""
+    """Return the files and the package versions the kernel build depends on.
+
+    The files are those that decide what is built; the helpers that run commands and
+    manage the cache (images.host, images.cache) do not change the output and are left
+    out, so that editing them does not cost a kernel rebuild.
+    """
     host.require_tools(KERNEL_TOOLS)
-    files = [FRAGMENT_PATH, Path(kconfig.__file__), Path(__file__), Path(host.__file__),
-             Path(cache.__file__)]
+    files = [FRAGMENT_PATH, Path(kconfig.__file__), Path(__file__)]
     versions = host.package_versions(KERNEL_PACKAGES)
     return files, {f"package {name}": version for name, version in versions.items()}
 

@@ -66,8 +66,8 @@ def rootfs_inputs() -> tuple[list[Path], dict[str, str]]:
     host.require_tools(ROOTFS_TOOLS)
     library_packages = {host.package_owning(library) for library in dropbear_libraries()}
     versions = host.package_versions(set(ROOTFS_PACKAGES) | library_packages)
-    files = [Path(__file__), Path(rootfs_files.__file__), Path(host.__file__),
-             Path(cache.__file__), Path(vmm.arch.x86_64.layout.__file__)]
+    # The helper modules images.host and images.cache do not change the output.
+    files = [Path(__file__), Path(rootfs_files.__file__), Path(vmm.arch.x86_64.layout.__file__)]
     return files, {f"package {name}": version for name, version in versions.items()}
 
 

@@ -241,8 +241,17 @@ def test_shells_lists_root_shell() -> None:
     assert root_shell in rootfs_files.shells().splitlines()
 
 
+def boot_tests_selected(config: pytest.Config) -> bool:
+    """Tell whether the run selected boot tests by name (`-m boot` or `-k boot`)."""
+    expressions = f"{config.getoption('markexpr', '')} {config.getoption('keyword', '')}"
+    return "boot" in expressions and "not boot" not in expressions
+
+
 @pytest.mark.boot
-def test_build_paths_produces_images() -> None:
+def test_build_paths_produces_images(request: pytest.FixtureRequest) -> None:
+    # The first build of the kernel takes minutes, too long for a plain unit test run.
+    if not boot_tests_selected(request.config):
+        pytest.skip("builds the guest kernel (minutes); select it with -m boot or -k boot")
     import images
 
     paths = images.build_paths()
