@@ -1,0 +1,241 @@
+"""Run tiny 64-bit guests on /dev/kvm and check their exits and register state.
+
+On hosts where KVM keeps HLT inside the kernel when the in-kernel irqchip
+exists, a guest with the irqchip signals its end with a port write to
+DONE_PORT instead of relying on KVM_EXIT_HLT.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from types import FrameType
+
+import pytest
+
+from tests.kvm.guests import (
+    CODE_ADDRESS,
+    UNMAPPED_ADDRESS,
+    TinyVm,
+    hlt,
+    in_al_imm8,
+    jmp_self,
+    kvm_unusable_reason,
+    loop_rel8,
+    mov_al_imm8,
+    mov_eax_dword_ptr_rbx,
+    mov_ebx_imm32,
+    mov_ecx_imm32,
+    mov_dword_ptr_rbx_imm32,
+    mov_eax_edx,
+    mov_edx_edi,
+    out_imm8_al,
+    out_imm8_eax,
+)
+from vmm.arch.x86_64 import layout, regs
+from vmm.kvm import ExitReason, Vcpu
+from vmm.kvm.structs import KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT
+
+_UNUSABLE = kvm_unusable_reason()
+pytestmark = [
+    pytest.mark.kvm,
+    pytest.mark.skipif(_UNUSABLE is not None, reason=f"needs a usable /dev/kvm: {_UNUSABLE}"),
+]
+
+DATA_PORT = 0xE9
+DONE_PORT = 0xF4
+OUTPUT_BYTE = 0x42
+MMIO_VALUE = 0x1234_5678
+THREAD_TIMEOUT_SECONDS = 60.0
+
+# out 0xE9, 0x42; mov dword [0x3000_0000], 0x12345678; out 0xF4, al; hlt
+BASIC_CODE = (
+    mov_al_imm8(OUTPUT_BYTE)
+    + out_imm8_al(DATA_PORT)
+    + mov_ebx_imm32(UNMAPPED_ADDRESS)
+    + mov_dword_ptr_rbx_imm32(MMIO_VALUE)
+    + out_imm8_al(DONE_PORT)
+    + hlt()
+)
+
+
+def _check_port_write(vcpu: Vcpu, port: int, data: bytes) -> None:
+    io = vcpu.io_exit()
+    assert io.direction == KVM_EXIT_IO_OUT
+    assert io.port == port
+    assert io.size == len(data)
+    assert io.count == 1
+    assert bytes(io.data) == data
+
+
+@pytest.mark.parametrize("irqchip", [False, True], ids=["no-irqchip", "irqchip"])
+def test_guest_port_mmio_and_halt_exits(irqchip: bool) -> None:
+    with TinyVm(BASIC_CODE, irqchip=irqchip) as guest:
+        vcpu = guest.vcpus[0]
+
+        assert vcpu.run() == ExitReason.IO
+        _check_port_write(vcpu, DATA_PORT, bytes([OUTPUT_BYTE]))
+
+        assert vcpu.run() == ExitReason.MMIO
+        mmio = vcpu.mmio_exit()
+        assert mmio.phys_addr == UNMAPPED_ADDRESS
+        assert mmio.is_write
+        assert mmio.length == 4
+        assert bytes(mmio.data) == MMIO_VALUE.to_bytes(4, "little")
+        del mmio
+
+        assert vcpu.run() == ExitReason.IO
+        _check_port_write(vcpu, DONE_PORT, bytes([OUTPUT_BYTE]))
+
+        if not irqchip:
+            assert vcpu.run() == ExitReason.HLT
+        state = vcpu.get_regs()
+        assert state.rax & 0xFF == OUTPUT_BYTE
+        assert state.rbx == UNMAPPED_ADDRESS
+        assert state.rsp == layout.BOOT_STACK_POINTER
+        assert state.rsi == layout.ZERO_PAGE_START
+        expected_rip = CODE_ADDRESS + len(BASIC_CODE) - (0 if not irqchip else len(hlt()))
+        assert state.rip == expected_rip
+
+
+def test_guest_reads_port_and_mmio_values() -> None:
+    code = (
+        in_al_imm8(DATA_PORT)
+        + out_imm8_al(DONE_PORT)
+        + mov_ebx_imm32(UNMAPPED_ADDRESS)
+        + mov_eax_dword_ptr_rbx()
+        + out_imm8_eax(DONE_PORT)
+        + hlt()
+    )
+    with TinyVm(code) as guest:
+        vcpu = guest.vcpus[0]
+
+        assert vcpu.run() == ExitReason.IO
+        io = vcpu.io_exit()
+        assert io.direction == KVM_EXIT_IO_IN
+        assert io.port == DATA_PORT
+        io.data[:] = b"\x5a"
+        del io
+        assert vcpu.run() == ExitReason.IO
+        _check_port_write(vcpu, DONE_PORT, b"\x5a")
+
+        assert vcpu.run() == ExitReason.MMIO
+        mmio = vcpu.mmio_exit()
+        assert not mmio.is_write
+        assert mmio.phys_addr == UNMAPPED_ADDRESS
+        mmio.data[:] = (0xCAFE_F00D).to_bytes(4, "little")
+        del mmio
+        assert vcpu.run() == ExitReason.IO
+        _check_port_write(vcpu, DONE_PORT, (0xCAFE_F00D).to_bytes(4, "little"))
+
+
+def test_guest_runs_in_long_mode() -> None:
+    with TinyVm(hlt()) as guest:
+        sregs = guest.vcpus[0].get_sregs()
+    assert sregs.efer & regs.EFER_LMA
+    assert sregs.cr0 & regs.X86_CR0_PG
+    assert sregs.cr3 == layout.PML4_START
+    assert sregs.cs.selector == regs.BOOT_CS
+    assert sregs.cs.l == 1
+    assert sregs.ss.selector == regs.BOOT_DS
+    assert sregs.gdt.base == layout.GDT_START
+
+
+def test_immediate_exit_returns_interrupted() -> None:
+    with TinyVm(BASIC_CODE) as guest:
+        vcpu = guest.vcpus[0]
+        vcpu.request_immediate_exit()
+        assert vcpu.run() == ExitReason.INTERRUPTED
+        assert vcpu.get_regs().rip == CODE_ADDRESS
+        vcpu.request_immediate_exit(False)
+        assert vcpu.run() == ExitReason.IO
+
+
+def _ignore_signal(signum: int, frame: FrameType | None) -> None:
+    pass
+
+
+def _join_or_interrupt(threads: list[threading.Thread], vcpus: list[Vcpu]) -> None:
+    """Wait for the vCPU threads; after THREAD_TIMEOUT_SECONDS, kick them out of KVM_RUN.
+
+    The signal has a Python handler that does nothing, so a blocked KVM_RUN
+    fails with EINTR; immediate_exit covers a thread that is about to enter it.
+    """
+    deadline = time.monotonic() + THREAD_TIMEOUT_SECONDS
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    previous = signal.signal(signal.SIGUSR1, _ignore_signal)
+    try:
+        while any(thread.is_alive() for thread in threads):
+            for thread, vcpu in zip(threads, vcpus):
+                vcpu.request_immediate_exit()
+                if thread.is_alive() and thread.ident is not None:
+                    signal.pthread_kill(thread.ident, signal.SIGUSR1)
+            for thread in threads:
+                thread.join(0.05)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_signal_interrupts_running_guest() -> None:
+    results: list[ExitReason] = []
+    with TinyVm(jmp_self()) as guest:
+        vcpu = guest.vcpus[0]
+        thread = threading.Thread(target=lambda: results.append(vcpu.run()))
+        thread.start()
+        began = time.monotonic()
+        thread.join(0.2)
+        assert thread.is_alive(), f"a guest spinning in `jmp $` exited: {results}"
+        previous = signal.signal(signal.SIGUSR1, _ignore_signal)
+        try:
+            signal.pthread_kill(thread.ident or 0, signal.SIGUSR1)
+            thread.join(THREAD_TIMEOUT_SECONDS)
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+        waited = time.monotonic() - began
+        if thread.is_alive():
+            _join_or_interrupt([thread], [vcpu])
+            pytest.fail(f"KVM_RUN ignored a signal for {waited:.1f} s")
+    assert results == [ExitReason.INTERRUPTED]
+
+
+def _vcpu_loop(vcpu: Vcpu, outputs: list[int], errors: list[BaseException]) -> None:
+    try:
+        while True:
+            reason = vcpu.run()
+            if reason != ExitReason.IO:
+                raise AssertionError(f"vcpu {vcpu.index}: unexpected exit {reason!r}")
+            io = vcpu.io_exit()
+            if io.port == DONE_PORT:
+                return
+            outputs.append(int.from_bytes(io.data, "little"))
+            del io
+    except BaseException as error:
+        errors.append(error)
+
+
+@pytest.mark.parametrize("irqchip", [False, True], ids=["no-irqchip", "irqchip"])
+def test_two_vcpus_on_two_threads(irqchip: bool) -> None:
+    rounds = 3
+    # Each vCPU writes its RDI (set to its index + 1) to DATA_PORT `rounds` times.
+    body = mov_edx_edi() + mov_eax_edx() + out_imm8_eax(DATA_PORT)
+    code = mov_ecx_imm32(rounds) + body + loop_rel8(-(len(body) + 2))
+    code += out_imm8_al(DONE_PORT) + hlt()
+    with TinyVm(code, vcpu_count=2, irqchip=irqchip) as guest:
+        outputs: list[list[int]] = [[], []]
+        errors: list[BaseException] = []
+        for vcpu in guest.vcpus:
+            state = vcpu.get_regs()
+            state.rdi = vcpu.index + 1
+            vcpu.set_regs(state)
+        threads = [
+            threading.Thread(target=_vcpu_loop, args=(vcpu, outputs[vcpu.index], errors))
+            for vcpu in guest.vcpus
+        ]
+        for thread in threads:
+            thread.start()
+        _join_or_interrupt(threads, guest.vcpus)
+        assert errors == []
+    assert outputs[0] == [1] * rounds
+    assert outputs[1] == [2] * rounds
