@@ -96,6 +96,10 @@ class LogOutput(logging.Handler):
         except Exception:
             self.handleError(record)
             return
+        if self.fd < 0:
+            # sys.stderr without a file descriptor (replaced by a test harness or an IDE).
+            sys.stderr.write(line.decode())
+            return
         try:
             os.write(self.fd, line)
         except BlockingIOError:
@@ -137,6 +141,14 @@ def open_log_path(path: str) -> int:
         raise ValueError(f"log_path: cannot open {path!r}: {error.strerror}") from None
 
 
+def _stderr_fd() -> int:
+    """Return the file descriptor of sys.stderr, or -1 if it has none."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, ValueError, OSError):
+        return -1
+
+
 def configure(
     instance_id: str,
     level: str = DEFAULT_LEVEL,
@@ -152,7 +164,7 @@ def configure(
     """
     numeric_level = parse_level(level)
     if log_path is None:
-        handler = LogOutput(sys.stderr.fileno(), owns_fd=False)
+        handler = LogOutput(_stderr_fd(), owns_fd=False)
     else:
         handler = LogOutput(open_log_path(log_path), owns_fd=True)
     handler.setFormatter(LogFormatter(instance_id, show_level, show_log_origin))
