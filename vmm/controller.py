@@ -7,9 +7,9 @@ operation is allowed in the current state, then run the handler. Every failure b
 (400, {"fault_message": ...}); an unexpected exception becomes 500 and is logged, so bad
 input never stops the monitor.
 
-Operations that need a runtime feature beyond the Runtime protocol below (pause, snapshot,
-balloon, hotplug) call an optional runtime method of the same purpose if the runtime has
-one, and otherwise fail with 400 saying this build does not support them.
+Some operations need a runtime feature beyond the Runtime protocol below (pause, snapshot,
+balloon, hotplug). They call an optional runtime method for it when the runtime has one.
+Otherwise they fail with 400 and a message that this build does not support them.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ NO_CONTENT: Response = (204, None)
 
 
 class Runtime(Protocol):
-    """What the controller needs from the VM runtime (vmm.vm.MicroVm)."""
+    """Interface of the VM runtime (vmm.vm.MicroVm) that the controller drives."""
 
     def start(self, resources: VmResources) -> None:
         """Build and boot the VM; raise StartError with a message for the API client."""
@@ -138,7 +138,11 @@ class Controller:
     # Entry points -----------------------------------------------------------------------
 
     def handle(self, method: str, path: str, body: bytes) -> Response:
-        """Run one API request; return (HTTP status, JSON body or None). Never raises."""
+        """Run one API request; return (HTTP status, JSON body or None).
+
+        Every Exception becomes a 400 or 500 response; only BaseException such as
+        KeyboardInterrupt propagates.
+        """
         try:
             with self._lock:
                 return self._dispatch(method, path, body)

@@ -131,8 +131,8 @@ class _ModuleFilter(logging.Filter):
 def open_log_path(path: str) -> int:
     """Open a log file (created if missing, appended to) or named pipe for writing.
 
-    A named pipe is opened read-write and non-blocking, so opening never waits for a
-    reader and a full pipe drops lines instead of stalling the monitor.
+    A named pipe is opened read-write and non-blocking. On Linux that open does not wait
+    for a reader, and a full pipe drops lines instead of stalling the monitor.
     """
     flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC
     try:
@@ -185,7 +185,7 @@ class RateLimitedLogger:
 
     For messages a guest can trigger at will (a bad descriptor, an unknown register): the
     first `burst` in each interval are logged, the rest counted, and the next message that
-    gets through says how many were suppressed. A call site is the caller's file and line.
+    gets through reports how many were suppressed. A call site is the caller's file and line.
     """
 
     def __init__(self, logger: logging.Logger, burst: int = 10, interval_s: float = 5.0) -> None:

@@ -138,7 +138,8 @@ def test_unbacked_devices_are_stored(tmp_path: Path) -> None:
     assert config["entropy"]["rate_limiter"]["bandwidth"]["size"] == 1000
     assert config["mmds-config"]["network_interfaces"] == ["eth0"]
     status, balloon = call(controller, "GET", "/balloon")
-    assert status == 200 and balloon == {"amount_mib": 16, "deflate_on_oom": True}
+    assert status == 200
+    assert balloon == {"amount_mib": 16, "deflate_on_oom": True}
 
 
 def test_get_balloon_without_device_rejected() -> None:

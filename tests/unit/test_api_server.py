@@ -2,7 +2,7 @@
 
 Accepted: every request gets a status and, for errors, a fault_message naming the field
 or value. Rejected: a request that kills the server, blocks other clients, or leaves the
-socket answering nothing; each bad-input test therefore checks that GET / still works.
+socket without responses; each bad-input test therefore checks that GET / still works.
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ def test_boot_source_and_drives_appear_in_vm_config(served: Served) -> None:
     assert served.call("PUT", "/drives/data", data) == (204, None)
     assert served.call("PUT", "/drives/rootfs", root) == (204, None)
     status, config = served.call("GET", "/vm/config")
-    assert status == 200 and config is not None
+    assert status == 200
+    assert config is not None
     assert config["boot-source"] == {"kernel_image_path": str(served.kernel),
                                      "boot_args": "console=ttyS0"}
     assert [drive["drive_id"] for drive in config["drives"]] == ["rootfs", "data"]
@@ -299,7 +300,9 @@ def test_keep_alive_serves_several_requests(served: Served) -> None:
         assert client.request("GET", "/")[0] == 200
         assert client.request("PATCH", "/machine-config", {"vcpu_count": 2}) == (204, None)
         status, config = client.request("GET", "/machine-config")
-        assert status == 200 and config is not None and config["vcpu_count"] == 2
+        assert status == 200
+        assert config is not None
+        assert config["vcpu_count"] == 2
 
 
 def test_json_response_headers(served: Served) -> None:

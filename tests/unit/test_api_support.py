@@ -1,6 +1,6 @@
 """Shared pieces of the API tests: a recording fake runtime and a small HTTP client.
 
-The fake stands in for vmm.vm.MicroVm only; the controller, validation and server under
+The fake replaces vmm.vm.MicroVm only; the controller, validation and server under
 test are the real ones.
 """
 

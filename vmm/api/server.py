@@ -3,9 +3,9 @@
 h11 parses and frames HTTP; this module only moves bytes between the socket and h11 and
 hands each complete request to a handler `(method, target, body) -> (status, JSON or
 None)`. Each connection runs on its own thread, so a slow or stuck client holds only its
-own thread. Connections are kept alive between requests. A request that h11 rejects, or
-whose body is larger than the payload limit, gets a 400 response and its connection is
-closed; the server keeps serving every other client.
+own thread. Connections are kept alive between requests. When h11 rejects a request, or
+its body is larger than the payload limit, the client gets a 400 response and its
+connection is closed. Other clients are not affected.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class ApiServerError(Exception):
 
 
 class _BadRequest(Exception):
-    """A request to answer with 400 before closing the connection."""
+    """A request rejected with 400, after which the connection is closed."""
 
 
 class ApiServer:
@@ -62,7 +62,7 @@ class ApiServer:
     def bind(self) -> None:
         """Create, bind and listen on the socket, replacing a stale socket file.
 
-        Raises ApiServerError if a live server answers on the path, or if the path is
+        Raises ApiServerError if a live server accepts connections on the path, or if the path is
         something other than a socket (it is not removed then).
         """
         _remove_stale_socket(self.socket_path)
@@ -195,7 +195,7 @@ class ApiServer:
             _send_response(sock, conn, 400, {"fault_message": message}, close=True)
         except h11.LocalProtocolError:
             # h11 cannot frame a response in this state (for example the request line
-            # never arrived); closing the connection is the only answer left.
+            # never arrived); the connection is closed without a response.
             return
         _drain_before_close(sock)
 

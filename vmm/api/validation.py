@@ -2,9 +2,9 @@
 
 The spec is read once per process. Parsing YAML takes tens of milliseconds, so the parsed
 spec is cached as JSON next to it (spec/__pycache__/api.<size>-<mtime>.json) and later
-processes load that instead. jsonschema itself takes about 0.1 s to import, so nothing here
-imports it until the first request body needs checking; warm_up_in_background() lets the
-CLI pay that cost after the API socket is already accepting.
+processes load that instead. Importing jsonschema takes about 0.1 s (measured on a 2-core
+EPYC VM), so this module imports it only when the first request body needs checking.
+The CLI calls warm_up_in_background() once the API socket is accepting.
 
 Error messages name the resource, the field path and the broken rule, for example
 `machine-config: vcpu_count: 0 is less than the minimum of 1` or
