@@ -125,7 +125,7 @@ class TinyVm:
             regs.setup_regs(vcpu, CODE_ADDRESS, layout.ZERO_PAGE_START)
             regs.setup_fpu(vcpu)
             if irqchip:
-                # The in-kernel LAPIC holds every vCPU but the first until INIT/SIPI.
+                # The in-kernel LAPIC keeps every vCPU but the first waiting for INIT/SIPI.
                 vcpu.set_mp_state(MpState.RUNNABLE)
             self.vcpus.append(vcpu)
 

@@ -7,6 +7,7 @@ DONE_PORT instead of relying on KVM_EXIT_HLT.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -33,8 +34,8 @@ from tests.kvm.guests import (
     out_imm8_al,
     out_imm8_eax,
 )
-from vmm.arch.x86_64 import layout, regs
-from vmm.kvm import ExitReason, Vcpu
+from vmm.arch.x86_64 import cpuid, interrupts, layout, msrs, regs
+from vmm.kvm import ExitReason, InternalErrorSuberror, Kvm, KvmError, MsrEntry, Vcpu
 from vmm.kvm.structs import KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT
 
 _UNUSABLE = kvm_unusable_reason()
@@ -95,7 +96,9 @@ def test_guest_port_mmio_and_halt_exits(irqchip: bool) -> None:
         assert state.rbx == UNMAPPED_ADDRESS
         assert state.rsp == layout.BOOT_STACK_POINTER
         assert state.rsi == layout.ZERO_PAGE_START
-        expected_rip = CODE_ADDRESS + len(BASIC_CODE) - (0 if not irqchip else len(hlt()))
+        expected_rip = CODE_ADDRESS + len(BASIC_CODE)
+        if irqchip:
+            expected_rip -= len(hlt())  # the guest has not run its HLT yet
         assert state.rip == expected_rip
 
 
@@ -239,3 +242,99 @@ def test_two_vcpus_on_two_threads(irqchip: bool) -> None:
         assert errors == []
     assert outputs[0] == [1] * rounds
     assert outputs[1] == [2] * rounds
+
+
+def test_boot_msrs_are_loaded() -> None:
+    with TinyVm(hlt()) as guest:
+        vcpu = guest.vcpus[0]
+        msrs.setup_msrs(vcpu)
+        indices = [entry.index for entry in msrs.boot_msr_entries()]
+        loaded = dict(vcpu.get_msrs([i for i in indices if i != msrs.MSR_IA32_TSC]))
+    assert loaded[msrs.MSR_IA32_MISC_ENABLE] & msrs.MISC_ENABLE_FAST_STRING
+    assert loaded[msrs.MSR_MTRR_DEF_TYPE] == msrs.MTRR_DEF_TYPE_ENABLE | 6
+    assert loaded[msrs.MSR_LSTAR] == 0
+
+
+def test_unsupported_msr_is_named_in_error() -> None:
+    with TinyVm(hlt()) as guest:
+        with pytest.raises(KvmError, match="MSR 0xdeadbeef is not supported"):
+            guest.vcpus[0].set_msrs([MsrEntry(0xDEAD_BEEF, 1)])
+
+
+def test_lapic_lint_pins_are_routed() -> None:
+    with TinyVm(hlt(), irqchip=True) as guest:
+        vcpu = guest.vcpus[0]
+        interrupts.setup_lapic(vcpu)
+        lapic = vcpu.get_lapic()
+    lint0 = interrupts.get_lapic_register(lapic, interrupts.APIC_LVT_LINT0_OFFSET)
+    lint1 = interrupts.get_lapic_register(lapic, interrupts.APIC_LVT_LINT1_OFFSET)
+    assert lint0 >> 8 & 0x7 == interrupts.APIC_DELIVERY_MODE_EXTINT
+    assert lint1 >> 8 & 0x7 == interrupts.APIC_DELIVERY_MODE_NMI
+
+
+def test_normalized_cpuid_is_accepted_by_kvm() -> None:
+    with Kvm() as kvm:
+        supported = kvm.get_supported_cpuid()
+    assert any(entry.function == cpuid.LEAF_FEATURES for entry in supported)
+    entries = cpuid.normalize_cpuid(supported, 1, 2, smt=False)
+    with TinyVm(hlt(), vcpu_count=2) as guest:
+        vcpu = guest.vcpus[1]
+        vcpu.set_cpuid2(entries)
+        stored = vcpu.get_cpuid2()
+    leaf1 = next(entry for entry in stored if entry.function == cpuid.LEAF_FEATURES)
+    assert leaf1.ebx >> 24 == 1
+    assert leaf1.ecx & cpuid.LEAF1_ECX_HYPERVISOR
+
+
+def test_ioeventfd_absorbs_port_write() -> None:
+    # out 0xE9, al is handled by the eventfd; only the write to DONE_PORT exits.
+    code = mov_al_imm8(OUTPUT_BYTE) + out_imm8_al(DATA_PORT) + out_imm8_al(DONE_PORT) + hlt()
+    with TinyVm(code) as guest:
+        event = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            guest.vm.ioeventfd(event, DATA_PORT, 1, None, port_io=True)
+            vcpu = guest.vcpus[0]
+            assert vcpu.run() == ExitReason.IO
+            assert vcpu.io_exit().port == DONE_PORT
+            assert os.eventfd_read(event) == 1
+        finally:
+            os.close(event)
+
+
+def test_irqfd_needs_irqchip_and_names_gsi() -> None:
+    event = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        with TinyVm(hlt(), irqchip=True) as guest:
+            guest.vm.irqfd(event, 4)
+            guest.vm.irqfd(event, 4, deassign=True)
+            guest.vm.irq_line(4, 1)
+            guest.vm.irq_line(4, 0)
+        with TinyVm(hlt()) as guest, pytest.raises(KvmError, match="KVM_IRQFD.*gsi 4"):
+            guest.vm.irqfd(event, 4)
+    finally:
+        os.close(event)
+
+
+def test_memory_region_error_names_slot_and_address() -> None:
+    with TinyVm(hlt()) as guest:
+        with pytest.raises(KvmError, match="slot 1, guest address 0x1001"):
+            guest.vm.set_user_memory_region(1, 0x1001, 0x1000, 0)
+
+
+def test_emulation_failure_reports_instruction() -> None:
+    """Accepts both outcomes: hardware runs FWAIT, an emulating host reports its bytes."""
+    fwait = b"\x9b"
+    with TinyVm(fwait + out_imm8_al(DONE_PORT) + hlt()) as guest:
+        vcpu = guest.vcpus[0]
+        reason = vcpu.run()
+        if reason == ExitReason.INTERNAL_ERROR:
+            error = vcpu.internal_error()
+            assert error.suberror == InternalErrorSuberror.EMULATION
+            assert error.instruction.startswith(fwait)
+            state = vcpu.get_regs()
+            assert state.rip == CODE_ADDRESS
+            state.rip += len(fwait)
+            vcpu.set_regs(state)
+            reason = vcpu.run()
+        assert reason == ExitReason.IO
+        assert vcpu.io_exit().port == DONE_PORT

@@ -12,8 +12,8 @@ running meanwhile.
 
 EINTR handling: a signal that arrives during an ioctl makes it fail with
 EINTR. Every request except KVM_RUN is retried, because none of them has a
-partial effect. KVM_RUN is not retried: a signal (or immediate_exit) is how
-another thread asks a vCPU to return to user space, so its caller must see it.
+partial effect. KVM_RUN is not retried, because a signal (or immediate_exit) is
+how another thread requests that a vCPU return to user space.
 """
 
 from __future__ import annotations
@@ -145,7 +145,8 @@ _libc_ioctl = _libc.ioctl
 _libc_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _libc_ioctl.restype = ctypes.c_int
 
-IoctlArgument = int | ctypes.Structure | ctypes.Array | ctypes._SimpleCData  # type: ignore[name-defined]
+# A ctypes object is passed by reference, so the kernel reads or fills it in place.
+IoctlArgument = int | ctypes.Structure | ctypes.Array | ctypes.c_uint64
 
 
 def ioctl(fd: int, request: KvmIoctl, arg: IoctlArgument = 0, detail: str = "") -> int:
@@ -156,7 +157,6 @@ def ioctl(fd: int, request: KvmIoctl, arg: IoctlArgument = 0, detail: str = "") 
     the key arguments for the error message. Raises KvmError on failure;
     retries EINTR except for KVM_RUN.
     """
-    pointer: int | ctypes._CArgObject  # type: ignore[name-defined]
     pointer = arg if isinstance(arg, int) else ctypes.byref(arg)
     while True:
         result = _libc_ioctl(fd, request, pointer)

@@ -1,8 +1,8 @@
 """ctypes mirrors of the KVM structures in linux/kvm.h and asm/kvm.h (x86-64).
 
 Each Structure has the header's name and its fields in the header's order,
-padding included, so `sizeof` and every `offsetof` match the C layout;
-tests/unit/test_kvm_structs.py compiles the headers with gcc and checks that.
+padding included, so `sizeof` and every `offsetof` match the C layout.
+tests/unit/test_kvm_structs.py compiles the headers with gcc to check that.
 Headers used: Linux 6.1 UAPI (`linux-libc-dev`).
 
 Two deliberate deviations, both layout-neutral:

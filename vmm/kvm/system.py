@@ -1,6 +1,6 @@
 """KVM objects: the system (/dev/kvm), a VM and its vCPUs, each owning one fd.
 
-`Kvm` opens /dev/kvm and answers capability queries; `Kvm.create_vm` returns
+`Kvm` opens /dev/kvm and runs capability queries; `Kvm.create_vm` returns
 a `Vm`, which sets up memory, interrupt controllers and eventfds and creates
 `Vcpu`s. Each object closes its fd in `close()` and works as a context
 manager. A `Vm` closes the vCPUs it created.
@@ -116,7 +116,7 @@ class InternalError:
     """A KVM_EXIT_INTERNAL_ERROR: the suberror and its `ndata` data words.
 
     For suberror EMULATION with the instruction-bytes flag, `instruction`
-    holds the bytes of the instruction KVM could not emulate.
+    contains the bytes of the instruction KVM could not emulate.
     """
 
     suberror: InternalErrorSuberror | int
@@ -499,7 +499,7 @@ class Vcpu:
             )
 
     def set_cpuid2(self, entries: Sequence[CpuidEntry]) -> None:
-        """Set the CPUID the guest sees (KVM_SET_CPUID2)."""
+        """Set the CPUID results the guest reads (KVM_SET_CPUID2)."""
         cpuid = s.kvm_cpuid2_of(len(entries))()
         cpuid.nent = len(entries)
         for slot, entry in enumerate(entries):
@@ -588,7 +588,7 @@ class Vcpu:
     def close(self) -> None:
         """Unmap kvm_run and close the vCPU fd.
 
-        Raises BufferError if a caller still holds a memoryview from
+        Raises BufferError if a caller still keeps a memoryview from
         io_exit() or mmio_exit().
         """
         if self.fd < 0:

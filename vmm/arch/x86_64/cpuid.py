@@ -25,6 +25,7 @@ MAX_VCPUS: Final = 254
 # Leaf 1 (SDM table 3-8 and 3-10/3-11).
 LEAF_FEATURES: Final = 0x1
 LEAF1_EBX_LOGICAL_COUNT_SHIFT: Final = 16  # EBX[23:16]: addressable logical processor ids
+LEAF1_EBX_LOGICAL_COUNT_MAX: Final = 0xFF
 LEAF1_EBX_APIC_ID_SHIFT: Final = 24  # EBX[31:24]: initial APIC id
 LEAF1_ECX_MONITOR: Final = 1 << 3  # MONITOR/MWAIT
 LEAF1_ECX_VMX: Final = 1 << 5  # no nested virtualisation
@@ -75,7 +76,7 @@ def normalize_cpuid(
     *,
     tsc_deadline: bool = False,
 ) -> list[CpuidEntry]:
-    """Return the CPUID entries vCPU `vcpu_index` of `vcpu_count` sees.
+    """Return the CPUID entries for vCPU `vcpu_index` of `vcpu_count`.
 
     `tsc_deadline` keeps the TSC-deadline timer bit; pass the result of
     KVM_CHECK_EXTENSION(KVM_CAP_TSC_DEADLINE_TIMER) with an in-kernel irqchip.
@@ -134,14 +135,16 @@ class _Topology:
 def _leaf1(entry: CpuidEntry, topology: _Topology, tsc_deadline: bool) -> CpuidEntry:
     ebx = entry.ebx & 0xFFFF  # keep brand index and CLFLUSH line size
     ebx |= topology.apic_id << LEAF1_EBX_APIC_ID_SHIFT
-    ebx |= (1 << topology.package_bits) << LEAF1_EBX_LOGICAL_COUNT_SHIFT
+    # 129 or more vCPUs need 256 ids, which the 8-bit field cannot hold; it saturates.
+    logical_count = min(1 << topology.package_bits, LEAF1_EBX_LOGICAL_COUNT_MAX)
+    ebx |= logical_count << LEAF1_EBX_LOGICAL_COUNT_SHIFT
     ecx = entry.ecx & ~(LEAF1_ECX_MONITOR | LEAF1_ECX_VMX) | LEAF1_ECX_HYPERVISOR
     if not tsc_deadline:
         ecx &= ~LEAF1_ECX_TSC_DEADLINE
     edx = entry.edx & ~LEAF1_EDX_HTT
     if topology.vcpu_count > 1:
         edx |= LEAF1_EDX_HTT
-    return dataclasses.replace(entry, ebx=ebx & 0xFFFF_FFFF, ecx=ecx, edx=edx)
+    return dataclasses.replace(entry, ebx=ebx, ecx=ecx, edx=edx)
 
 
 def _leaf4(entry: CpuidEntry, topology: _Topology) -> CpuidEntry:
@@ -158,8 +161,8 @@ def _leaf4(entry: CpuidEntry, topology: _Topology) -> CpuidEntry:
 
 
 def _extended_topology(entry: CpuidEntry, topology: _Topology) -> CpuidEntry:
-    # Subleaf 0 describes the SMT level, subleaf 1 the core level; each gives
-    # the APIC-id shift to the next level up (EAX[4:0]), the logical
+    # Subleaf 0 describes the SMT level and subleaf 1 the core level. Each
+    # gives the APIC-id shift to the next level up (EAX[4:0]), the logical
     # processors at that level (EBX[15:0]), the level number and type (ECX)
     # and the x2APIC id (EDX).
     subleaf = entry.index

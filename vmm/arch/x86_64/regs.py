@@ -2,7 +2,7 @@
 
 Follows the 64-bit boot protocol of Linux (Documentation/arch/x86/boot.rst,
 "64-bit Boot Protocol"): the CPU is in long mode with paging on, the loaded
-range is identity-mapped, a GDT holds flat 4 GiB segments with __BOOT_CS
+range is identity-mapped, a GDT contains flat 4 GiB segments with __BOOT_CS
 (0x10) execute/read and __BOOT_DS (0x18) read/write, CS is __BOOT_CS and
 DS/ES/SS are __BOOT_DS, interrupts are off and RSI holds the physical address
 of struct boot_params (the zero page).
