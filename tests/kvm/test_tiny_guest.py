@@ -338,3 +338,16 @@ def test_emulation_failure_reports_instruction() -> None:
             reason = vcpu.run()
         assert reason == ExitReason.IO
         assert vcpu.io_exit().port == DONE_PORT
+
+
+def test_vcpu_close_with_held_view_closes_fd() -> None:
+    with TinyVm(BASIC_CODE) as guest:
+        vcpu = guest.vcpus[0]
+        assert vcpu.run() == ExitReason.IO
+        held = vcpu.io_exit().data
+        with pytest.raises(BufferError):
+            vcpu.close()
+        assert vcpu.fd == -1
+        assert bytes(held) == bytes([OUTPUT_BYTE])
+        held.release()
+        vcpu.close()  # a second close is a no-op

@@ -588,16 +588,19 @@ class Vcpu:
     def close(self) -> None:
         """Unmap kvm_run and close the vCPU fd.
 
-        Raises BufferError if a caller still keeps a memoryview from
-        io_exit() or mmio_exit().
+        Raises BufferError, after closing the fd, if a caller still keeps a
+        memoryview from io_exit() or mmio_exit(); the mapping then stays until
+        that view is released.
         """
         if self.fd < 0:
             return
-        del self.kvm_run
+        self.__dict__.pop("kvm_run", None)
         self._view.release()
-        self._mapping.close()
-        os.close(self.fd)
-        self.fd = -1
+        try:
+            self._mapping.close()
+        finally:
+            os.close(self.fd)
+            self.fd = -1
 
     def __enter__(self) -> Vcpu:
         return self
