@@ -589,7 +589,7 @@ class Vcpu:
         """Unmap kvm_run and close the vCPU fd.
 
         Raises BufferError, after closing the fd, if a caller still keeps a
-        memoryview from io_exit() or mmio_exit(); the mapping then stays until
+        memoryview from io_exit() or mmio_exit(). The mapping then stays until
         that view is released.
         """
         if self.fd < 0:
