@@ -1,0 +1,1 @@
+"""Benchmarks of the monitor: start-up to API ready, API latency, memory overhead."""
