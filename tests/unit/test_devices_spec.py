@@ -201,3 +201,57 @@ def test_boot_timer(spec: dict[str, Any]) -> None:
     assert timer["length"] == boot_timer.DEVICE_SIZE
     assert timer["offset"] == boot_timer.BOOT_COMPLETE_OFFSET
     assert timer["magic"] == boot_timer.BOOT_COMPLETE_MAGIC
+
+
+def _net_feature_mask(spec: dict[str, Any], names: list[str]) -> int:
+    bits = {**spec["virtio"]["feature_bits"], **spec["virtio_devices"]["net"]["feature_bits"]}
+    mask = 0
+    for name in names:
+        mask |= 1 << bits[name]
+    return mask
+
+
+def test_net_device(spec: dict[str, Any]) -> None:
+    from vmm.devices.virtio import net
+
+    entry = spec["virtio_devices"]["net"]
+    assert entry["device_id"] == net.Net.device_type == net.VIRTIO_ID_NET
+    assert [q["max_size"] for q in entry["queues"]] == list(net.Net.queue_max_sizes)
+    assert [q["name"] for q in entry["queues"]].index("receiveq1") == net.RX_QUEUE_INDEX
+    assert [q["name"] for q in entry["queues"]].index("transmitq1") == net.TX_QUEUE_INDEX
+    for name, value in entry["feature_bits"].items():
+        assert getattr(net, name) == value, name
+    assert entry["config_space"] == [
+        {"name": "mac", "offset": net.CONFIG_MAC_OFFSET, "size": net.CONFIG_MAC_SIZE},
+        {"name": "mtu", "offset": net.CONFIG_MTU_OFFSET, "size": 2},
+    ]
+    assert entry["header"]["size"] == net.NET_HEADER.size == net.VNET_HEADER_SIZE
+    assert entry["header"]["num_buffers_offset"] == net.NUM_BUFFERS_OFFSET
+    assert entry["max_frame_size"] == net.MAX_FRAME_SIZE
+
+
+@pytest.mark.parametrize(("guest_mac", "mtu"), [(None, None), (b"\xaa" * 6, None),
+                                                (b"\xaa" * 6, 1500)])
+def test_net_offered_features(spec: dict[str, Any], guest_mac: bytes | None,
+                              mtu: int | None) -> None:
+    from vmm.devices.virtio import net
+
+    offered = spec["virtio_devices"]["net"]["offered_features"]
+    names = list(offered["always"])
+    if guest_mac is not None:
+        names += offered["guest_mac"]
+    if mtu is not None:
+        names += offered["mtu"]
+
+    class NoBackend:
+        def read_frame(self, buffer: memoryview) -> int:
+            raise BlockingIOError
+
+        def write_frame(self, parts: object) -> int:
+            return 0
+
+        def set_offload(self, flags: int) -> None:
+            pass
+
+    device_model = net.Net("eth0", NoBackend(), guest_mac, mtu)
+    assert device_model.avail_features == _net_feature_mask(spec, names)
