@@ -182,7 +182,7 @@ class Balloon(VirtioDevice):
                 logger.debug("%r: ignored config write at %d length %d", self, offset, len(data))
                 return
             self.config_space[offset:end] = data
-            self.actual_pages = struct.unpack_from("<I", self.config_space, CONFIG_ACTUAL_OFFSET)[0]
+            (self.actual_pages,) = struct.unpack_from("<I", self.config_space, CONFIG_ACTUAL_OFFSET)
 
     # API ------------------------------------------------------------------------------------
 
