@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from images import ImageError, build_paths
 from images.kernel_build import build_kernel
@@ -54,14 +55,15 @@ def _run(command: str) -> None:
 
 def _qemu_check() -> None:
     # Imported here: paramiko and pexpect are test extras, not needed to build images.
-    from pathlib import Path
-
-    from images.qemu_check import check_boot
+    from images.qemu_check import Restart, check_boot
 
     paths = build_paths()
-    for kernel_key in ("bzimage", "kernel"):
+    # Each kernel format boots once. The two boots find their devices in different ways
+    # and end with different restart requests.
+    for kernel_key, restart, acpi in (("bzimage", Restart.REBOOT_COMMAND, True),
+                                      ("kernel", Restart.CTRL_ALT_DEL, False)):
         result = check_boot(Path(paths[kernel_key]), Path(paths["rootfs"]),
-                            Path(paths["ssh_key"]))
+                            Path(paths["ssh_key"]), restart, acpi)
         for mark, seconds in result.marks.items():
             print(f"[images] qemu-check {kernel_key}: {mark} at {seconds:.1f} s",
                   file=sys.stderr)

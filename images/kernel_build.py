@@ -71,8 +71,9 @@ def _build_into(output: Path) -> None:
             f"install them with `apt-get install {SOURCE_PACKAGE}`"
         )
     fragment = kconfig.parse_config(FRAGMENT_PATH.read_text())
-    # The source tree goes beside the cache, not in /tmp, which may be a small tmpfs.
-    with tempfile.TemporaryDirectory(prefix=".kernel-work-", dir=output.parent) as work:
+    # The source tree goes inside the partial output, not in /tmp, which may be a small
+    # tmpfs. A build killed half-way leaves it there, and the cache removes it later.
+    with tempfile.TemporaryDirectory(prefix="work-", dir=output) as work:
         tree = Path(work)
         host.progress(f"kernel: unpacking {SOURCE_TARBALL}")
         host.run(["tar", "-xf", str(SOURCE_TARBALL), "-C", str(tree), "--strip-components=1"])

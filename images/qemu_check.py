@@ -8,11 +8,14 @@ with virtio-mmio block and net devices and software emulation (no KVM), then:
 2. logs in as root/root and runs a command on the serial console;
 3. connects with SSH (paramiko, with the build's client key) through QEMU user networking,
    forwarded from a loopback port, and runs a command;
-4. runs `reboot` and waits for QEMU to exit (`-no-reboot` turns the guest's reset into exit).
+4. restarts the guest, either with `reboot` on the shell or with Ctrl-Alt-Del sent as
+   keyboard scancodes through an i8042 (QEMU monitor `sendkey`), and waits for QEMU to exit
+   (`-no-reboot` turns the guest's reset into an exit).
 
 The root filesystem is opened with `-snapshot`, so the cached image is never written.
 """
 
+import enum
 import socket
 import time
 from dataclasses import dataclass, field
@@ -41,6 +44,16 @@ EXPECTED_BOOT_LINES: Final = (
 BOOT_TIMEOUT_SECONDS: Final = 600.0
 COMMAND_TIMEOUT_SECONDS: Final = 60.0
 SHELL_PROMPT: Final = r"microvm:[^\r\n]*# "
+# With -nographic, Ctrl-A c switches stdio between the serial port and the QEMU monitor.
+MONITOR_TOGGLE: Final = "\x01c"
+MONITOR_PROMPT: Final = r"\(qemu\) "
+
+
+class Restart(enum.Enum):
+    """Restart request that ends a check: the `reboot` command or Ctrl-Alt-Del."""
+
+    REBOOT_COMMAND = "reboot"
+    CTRL_ALT_DEL = "ctrl-alt-del"
 
 
 @dataclass
@@ -59,20 +72,25 @@ def free_loopback_port() -> int:
         return port
 
 
-def qemu_command(kernel: Path, rootfs: Path, ssh_port: int) -> list[str]:
-    """Return the QEMU command line that boots `kernel` with `rootfs` as /dev/vda."""
+def qemu_command(kernel: Path, rootfs: Path, ssh_port: int, acpi: bool) -> list[str]:
+    """Return the QEMU command line that boots `kernel` with `rootfs` as /dev/vda.
+
+    With `acpi`, the guest finds its virtio-mmio devices in QEMU's DSDT. Without it, QEMU
+    adds `virtio_mmio.device=` parameters to the kernel command line instead.
+    """
     try:
         qemu = find_tool(QEMU_BINARY)
     except ImageError:
         raise ImageError(
             f"{QEMU_BINARY} not found; install it with `apt-get install {QEMU_PACKAGE}`"
         ) from None
+    # i8042.nopnp: probe the i8042's ports directly instead of looking for an ACPI PNP entry.
     append = (
-        "console=ttyS0 root=/dev/vda rw reboot=k panic=-1 "
+        "console=ttyS0 root=/dev/vda rw reboot=k panic=-1 i8042.nopnp i8042.noaux "
         f"ip={GUEST_ADDRESS}::{GATEWAY_ADDRESS}:255.255.255.0::eth0:off"
     )
     return [
-        qemu, "-M", "microvm", "-accel", "tcg", "-cpu", "max",
+        qemu, "-M", f"microvm,acpi={'on' if acpi else 'off'}", "-accel", "tcg", "-cpu", "max",
         "-m", str(GUEST_MEMORY_MIB), "-smp", str(GUEST_CPUS),
         "-nographic", "-no-reboot", "-snapshot",
         "-kernel", str(kernel), "-append", append,
@@ -80,19 +98,23 @@ def qemu_command(kernel: Path, rootfs: Path, ssh_port: int) -> list[str]:
         "-device", "virtio-blk-device,drive=root",
         "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:{GUEST_SSH_PORT}",
         "-device", "virtio-net-device,netdev=net0",
+        "-device", "i8042",
     ]
 
 
-def check_boot(kernel: Path, rootfs: Path, ssh_key: Path) -> CheckResult:
-    """Boot `kernel` and `rootfs` under QEMU, log in on serial and SSH, then reboot.
+def check_boot(
+    kernel: Path, rootfs: Path, ssh_key: Path, restart: Restart, acpi: bool
+) -> CheckResult:
+    """Boot `kernel` and `rootfs` under QEMU, log in on serial and SSH, then restart it.
 
     Raise ImageError naming the step that failed, its timeout and the console's tail.
     """
     ssh_port = free_loopback_port()
     result = CheckResult(kernel)
     started = time.monotonic()
-    command = qemu_command(kernel, rootfs, ssh_port)
-    progress(f"qemu-check: booting {kernel.name} under QEMU TCG")
+    command = qemu_command(kernel, rootfs, ssh_port, acpi)
+    devices_from = "ACPI" if acpi else "the command line"
+    progress(f"qemu-check: booting {kernel.name} under QEMU TCG, devices from {devices_from}")
     guest = pexpect.spawn(command[0], command[1:], encoding="utf-8",
                           codec_errors="replace", timeout=None)
     try:
@@ -105,12 +127,25 @@ def check_boot(kernel: Path, rootfs: Path, ssh_key: Path) -> CheckResult:
         result.marks["serial shell"] = time.monotonic() - started
         _check_ssh(ssh_port, ssh_key)
         result.marks["ssh command"] = time.monotonic() - started
-        guest.sendline("reboot")
-        _expect(guest, pexpect.EOF, COMMAND_TIMEOUT_SECONDS, started)
-        result.marks["qemu exited after reboot"] = time.monotonic() - started
+        _restart(guest, restart, started)
+        result.marks[f"qemu exited after {restart.value}"] = time.monotonic() - started
     finally:
         guest.close(force=True)
     return result
+
+
+def _restart(guest: pexpect.spawn, restart: Restart, started: float) -> None:
+    if restart is Restart.REBOOT_COMMAND:
+        guest.sendline("reboot")
+    else:
+        guest.send(MONITOR_TOGGLE)
+        _expect(guest, MONITOR_PROMPT, COMMAND_TIMEOUT_SECONDS, started)
+        guest.sendline("sendkey ctrl-alt-delete")
+        _expect(guest, MONITOR_PROMPT, COMMAND_TIMEOUT_SECONDS, started)
+        guest.send(MONITOR_TOGGLE)
+    # busybox init runs the shutdown actions, then the kernel resets through the i8042.
+    _expect(guest, "reboot: Restarting system", COMMAND_TIMEOUT_SECONDS, started)
+    _expect(guest, pexpect.EOF, COMMAND_TIMEOUT_SECONDS, started)
 
 
 def _log_in(guest: pexpect.spawn, started: float) -> None:

@@ -81,7 +81,7 @@ def build_rootfs() -> RootfsImages:
 
 
 def _build_into(output: Path) -> None:
-    with tempfile.TemporaryDirectory(prefix=".rootfs-work-", dir=output.parent) as work:
+    with tempfile.TemporaryDirectory(prefix="work-", dir=output) as work:
         tree = Path(work) / "tree"
         host.progress("rootfs: assembling busybox, dropbear and /etc")
         for directory in GUEST_DIRECTORIES:

@@ -1,5 +1,6 @@
 """Tests of the guest image builders: pure parts first, one full build (marked boot) last."""
 
+import fcntl
 import shutil
 import subprocess
 from pathlib import Path
@@ -29,6 +30,7 @@ REQUIRED_SETTINGS: dict[str, str] = {
     "CONFIG_DEVTMPFS_MOUNT": "y",
     "CONFIG_DEVMEM": "y",
     "CONFIG_ACPI": "y",
+    "CONFIG_PCI": "y",
     "CONFIG_VIRTIO_MMIO": "y",
     "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES": "y",
     "CONFIG_VIRTIO_BLK": "y",
@@ -176,6 +178,30 @@ def test_cached_build_builds_once(
     assert first == second == tmp_path / "thing-0123"
     assert (first / "result").read_text() == "done"
     assert len(calls) == 1
+
+
+def test_cached_build_removes_abandoned_partials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(cache.CACHE_ENVIRONMENT_VARIABLE, str(tmp_path))
+    same_key = tmp_path / ".thing-0123.partial-999999"
+    other_key = tmp_path / ".other-4567.partial-999998"
+    for partial in (same_key, other_key):
+        (partial / "work").mkdir(parents=True)
+
+    cache.cached_build("thing", "0123", lambda output: None)
+    assert not same_key.exists()
+    assert not other_key.exists()
+    assert (tmp_path / "thing-0123").is_dir()
+
+
+def test_abandoned_cleanup_spares_running_build(tmp_path: Path) -> None:
+    running = tmp_path / ".other-4567.partial-1"
+    running.mkdir()
+    with open(tmp_path / ".other-4567.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cache.remove_abandoned_builds(tmp_path, held="thing-0123")
+    assert running.is_dir()
 
 
 def test_sha512_crypt_matches_known_hash() -> None:
