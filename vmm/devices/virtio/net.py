@@ -6,11 +6,11 @@ virtio-net header of 5.1.6 (flags, gso_type, hdr_len, gso_size, csum_start,
 csum_offset, num_buffers). The tap back end uses the same header, so the
 device copies header and frame through without looking at the offload fields.
 
-Offloads, and why they matter here: with CSUM and HOST_TSO4/6 the guest hands
-over TCP segments of up to 64 KiB with the checksum left to the host, and with
-GUEST_CSUM and GUEST_TSO4/6 the tap hands over the same in the other
-direction. One Python pass then moves 64 KiB instead of 1.5 KiB, which is what
-keeps throughput from being bounded by the per-frame cost of this code.
+Offloads matter here because each frame costs a fixed amount of Python work.
+With CSUM and HOST_TSO4/6 the guest sends TCP segments of up to 64 KiB and
+leaves the checksum to the host. With GUEST_CSUM and GUEST_TSO4/6 the tap
+delivers the same in the other direction. One pass then moves 64 KiB instead
+of 1.5 KiB, so throughput is not bounded by the per-frame cost of this code.
 MRG_RXBUF lets such a large frame span several receive chains; num_buffers in
 the first header says how many (5.1.6.4).
 
@@ -165,10 +165,11 @@ def _no_interest_change(_wanted: bool) -> None:
 class Net(VirtioDevice):
     """A virtio network device between the guest and a `NetBackend`.
 
-    `on_rx_interest(wanted)` is called when the device starts or stops wanting
-    frames from the back end; the monitor adds or removes the tap's file
-    descriptor from its event loop. The rate limiters are optional; the monitor
-    calls `on_rate_limiter_timer` when one of their timers fires.
+    The device calls `on_rx_interest(True)` when it can take frames from the
+    back end and `on_rx_interest(False)` when it cannot. The monitor then adds
+    or removes the tap's file descriptor from its event loop. The rate limiters
+    are optional, and the monitor calls `on_rate_limiter_timer` when one of
+    their timers fires.
     """
 
     device_type = VIRTIO_ID_NET

@@ -4,10 +4,10 @@ Linux's TUN/TAP driver (Documentation/networking/tuntap.rst, linux/if_tun.h):
 opening /dev/net/tun and calling TUNSETIFF with IFF_TAP attaches the file to
 the named tap interface (creating it when it does not exist and the caller has
 CAP_NET_ADMIN). Every read returns one Ethernet frame and every write sends
-one. With IFF_VNET_HDR each frame is preceded by a virtio_net_hdr; after
+one. With IFF_VNET_HDR each frame is preceded by a virtio_net_hdr. After
 TUNSETVNETHDRSZ 12 that header is the 12-byte virtio-net header of virtio 1.2
-section 5.1.6, the same layout the guest uses, so frames pass between the
-guest's buffers and the tap without conversion. (The kernel fills the first 10
+section 5.1.6, the layout the guest uses, so frames pass between the guest's
+buffers and the tap without conversion. (The kernel fills the first 10
 bytes on read and leaves num_buffers alone; it skips num_buffers on write.)
 TUNSETOFFLOAD tells the kernel which offloads the reader handles: partial
 checksums (TUN_F_CSUM) and the segmentation kinds (TUN_F_TSO4, ...). Without
