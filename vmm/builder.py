@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from vmm.arch.x86_64 import layout
 from vmm.arch.x86_64.acpi import write_acpi_tables
@@ -34,13 +34,19 @@ from vmm.devices.bus import Bus
 from vmm.devices.legacy.boot_timer import BootTimer
 from vmm.devices.legacy.i8042 import I8042
 from vmm.devices.legacy.serial import Serial
+from vmm.devices.virtio.balloon import Balloon
 from vmm.devices.virtio.block import Block, FileBackend
+from vmm.devices.virtio.device import VirtioDevice
 from vmm.devices.virtio.mmio import QUEUE_NOTIFY_OFFSET, MmioTransport
+from vmm.devices.virtio.rng import Rng
+from vmm.devices.virtio.vsock import Vsock
+from vmm.devices.virtio.vsock_unix import UnixVsockBackend
 from vmm.errors import StartError
 from vmm.eventloop import EventLoop
 from vmm.kvm.ioctl import KvmError
 from vmm.kvm.system import Kvm, KvmCap, Vm
 from vmm.memory import GuestMemory, GuestMemoryError
+from vmm.rate_limiter import RateLimiter, TimerFd
 from vmm.resources import Drive, VmResources
 from vmm.vcpu import VcpuThread
 
@@ -89,6 +95,11 @@ class Machine:
     eventfds: list[int] = field(default_factory=list)
     files: list[int] = field(default_factory=list)
     cmdline: str = ""
+    rng: Rng | None = None
+    balloon: Balloon | None = None
+    vsock: Vsock | None = None
+    # Host resources of the entropy, balloon and vsock devices, closed after the event loop.
+    closers: list[Callable[[], None]] = field(default_factory=list)
 
     def start(self) -> None:
         self.event_loop.start()
@@ -109,6 +120,8 @@ class Machine:
 
     def close(self) -> None:
         self.event_loop.close()
+        for close in self.closers:
+            close()
         self.console.close()
         for thread in self.vcpu_threads:
             thread.vcpu.close()
@@ -179,6 +192,7 @@ def _build(owner: MicroVm, resources: VmResources) -> Machine:
     )
     for drive in resources.drives:
         _attach_drive(machine, drive, irq_trigger)
+    _attach_entropy_balloon_vsock(machine, resources, irq_trigger)
 
     machine.cmdline = _compose_cmdline(owner.default_boot_args(resources), resources, machine)
     entry = _write_boot_structures(machine, resources)
@@ -302,3 +316,93 @@ def _create_vcpus(owner: MicroVm, machine: Machine, resources: VmResources, entr
                 owner.on_vcpu_stop,
             )
         )
+
+
+# Entropy, balloon and vsock devices ----------------------------------------------------------
+
+
+def _attach_virtio_device(machine: Machine, device: VirtioDevice, irq_trigger) -> MmioTransport:
+    """Place `device` in the next virtio-mmio slot with its irqfd and one ioeventfd per queue."""
+    index = len(machine.virtio_slots)
+    base, irq = layout.virtio_mmio_slot(index)
+    transport = MmioTransport(device, machine.memory, irq_trigger(irq))
+    machine.mmio_bus.insert(transport, base, layout.VIRTIO_MMIO_SIZE)
+    slot = VirtioSlot(transport, base, irq, machine.eventfds[-1])
+    for queue_index in range(len(device.queue_max_sizes)):
+        fd_notify = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        machine.eventfds.append(fd_notify)
+        machine.vm.ioeventfd(fd_notify, base + QUEUE_NOTIFY_OFFSET, 4, queue_index)
+        machine.event_loop.add_reader(
+            fd_notify, _queue_notifier(fd_notify, transport, queue_index)
+        )
+        slot.ioeventfds.append(fd_notify)
+    machine.virtio_slots.append(slot)
+    return transport
+
+
+def _attach_entropy_balloon_vsock(machine: Machine, resources: VmResources, irq_trigger) -> None:
+    if resources.entropy is not None:
+        _attach_entropy(machine, resources.entropy, irq_trigger)
+    if resources.balloon is not None:
+        _attach_balloon(machine, resources.balloon, irq_trigger)
+    if resources.vsock is not None:
+        _attach_vsock(machine, resources.vsock, irq_trigger)
+
+
+def _attach_entropy(machine: Machine, config: dict[str, Any], irq_trigger) -> None:
+    limiter = RateLimiter.from_config(config.get("rate_limiter"))
+    rng = Rng(rate_limiter=limiter)
+    transport = _attach_virtio_device(machine, rng, irq_trigger)
+    machine.rng = rng
+    if limiter is None:
+        return
+    machine.closers.append(limiter.close)
+
+    def on_rate_limiter_timer() -> None:
+        if rng.on_rate_limiter_timer():
+            transport.notify(0)
+
+    machine.event_loop.add_reader(limiter.timer_fd, on_rate_limiter_timer)
+
+
+def _attach_balloon(machine: Machine, config: dict[str, Any], irq_trigger) -> None:
+    if config.get("free_page_hinting"):
+        raise StartError(
+            "balloon: free_page_hinting is not supported by this build; set it to false "
+            "(free_page_reporting is supported)"
+        )
+    interval_s = int(config.get("stats_polling_interval_s", 0))
+    timer = TimerFd() if interval_s > 0 else None
+    balloon = Balloon(
+        config["amount_mib"],
+        bool(config["deflate_on_oom"]),
+        interval_s,
+        bool(config.get("free_page_reporting", False)),
+        timer,
+    )
+    _attach_virtio_device(machine, balloon, irq_trigger)
+    machine.balloon = balloon
+    if timer is None:
+        return
+    machine.closers.append(timer.close)
+
+    def on_stats_timer() -> None:
+        if timer.read_expirations():
+            balloon.on_stats_timer()
+
+    machine.event_loop.add_reader(timer.fileno(), on_stats_timer)
+
+
+def _attach_vsock(machine: Machine, config: dict[str, Any], irq_trigger) -> None:
+    uds_path = config["uds_path"]
+    try:
+        backend = UnixVsockBackend(uds_path)
+    except OSError as error:
+        raise StartError(f"vsock: cannot listen on uds_path {uds_path}: {error}") from error
+    vsock = Vsock(config["guest_cid"], backend)
+    backend.attach(vsock)
+    _attach_virtio_device(machine, vsock, irq_trigger)
+    machine.vsock = vsock
+    machine.closers.append(vsock.close)
+    machine.closers.append(backend.close)
+    machine.event_loop.add_reader(backend.fileno(), backend.handle_events)

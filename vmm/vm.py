@@ -16,7 +16,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
 from vmm.arch.x86_64 import layout
@@ -37,6 +37,8 @@ from vmm.vcpu import StopReason, VcpuThread, install_kick_handler, wait_all
 
 if TYPE_CHECKING:
     from vmm.builder import Machine
+    from vmm.devices.virtio.balloon import Balloon
+    from vmm.metrics import Provider
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +48,6 @@ EXIT_ERROR = 1
 # Devices this build can create; any other configured device fails InstanceStart.
 _UNSUPPORTED_DEVICE_FIELDS = {
     "network_interfaces": "network interface",
-    "vsock": "vsock device",
-    "balloon": "balloon device",
-    "entropy": "entropy device",
 }
 
 
@@ -130,6 +129,28 @@ class MicroVm:
     def flush_metrics(self) -> None:
         self.metrics.flush()
 
+    def _running_balloon(self) -> Balloon:
+        if self._machine is None or self._machine.balloon is None:
+            raise StartError("no balloon device is running in the microVM")
+        return self._machine.balloon
+
+    def update_balloon(self, amount_mib: int) -> None:
+        """Set a new balloon target; before boot the controller's stored value is enough."""
+        if self._machine is None:
+            return
+        self._running_balloon().update_target(amount_mib)
+
+    def balloon_statistics(self) -> dict[str, int]:
+        return self._running_balloon().statistics()
+
+    def update_balloon_statistics(self, interval_s: int) -> None:
+        if self._machine is None:
+            return
+        try:
+            self._running_balloon().update_statistics_interval(interval_s)
+        except ValueError as error:
+            raise StartError(str(error)) from error
+
     def wait(self) -> int:
         self._stop.event.wait()
         self._teardown()
@@ -210,6 +231,14 @@ class MicroVm:
                 },
             )
         self.metrics.register("uart", machine.console.metrics)
+        self._register_device_metrics(machine)
+
+    def _register_device_metrics(self, machine: Machine) -> None:
+        for group, device in (
+            ("entropy", machine.rng), ("balloon", machine.balloon), ("vsock", machine.vsock)
+        ):
+            if device is not None:
+                self.metrics.register(group, _counters_of(device))
 
     def _teardown(self) -> None:
         machine = self._machine
@@ -242,3 +271,12 @@ class MicroVm:
             fallbacks,
         )
 
+
+
+def _counters_of(device: object) -> Provider:
+    """Return a metrics provider reading the dataclass `device.metrics` as a dict."""
+
+    def provider() -> dict[str, int | float]:
+        return asdict(device.metrics)  # type: ignore[attr-defined]
+
+    return provider
