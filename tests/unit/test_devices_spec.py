@@ -255,3 +255,97 @@ def test_net_offered_features(spec: dict[str, Any], guest_mac: bytes | None,
 
     device_model = net.Net("eth0", NoBackend(), guest_mac, mtu)
     assert device_model.avail_features == _net_feature_mask(spec, names)
+
+
+def _virtio_feature_mask(spec: dict[str, Any], device: str, names: list[str]) -> int:
+    entry = spec["virtio_devices"][device]
+    bits = {**spec["virtio"]["feature_bits"], **entry.get("feature_bits", {})}
+    mask = 0
+    for name in names:
+        mask |= 1 << bits[name]
+    return mask
+
+
+def test_entropy_device(spec: dict[str, Any]) -> None:
+    from vmm.devices.virtio import rng
+
+    entry = spec["virtio_devices"]["entropy"]
+    assert entry["device_id"] == rng.Rng.device_type == rng.VIRTIO_ID_ENTROPY
+    assert [q["max_size"] for q in entry["queues"]] == list(rng.Rng.queue_max_sizes)
+    assert entry["max_request_bytes"] == rng.MAX_REQUEST_BYTES
+    names = entry["offered_features"]["always"]
+    assert rng.Rng().avail_features == _virtio_feature_mask(spec, "entropy", names)
+
+
+@pytest.mark.parametrize(
+    ("deflate_on_oom", "stats_interval_s", "reporting"),
+    [(False, 0, False), (True, 0, False), (False, 5, False), (True, 1, True)],
+)
+def test_balloon_device(
+    spec: dict[str, Any], deflate_on_oom: bool, stats_interval_s: int, reporting: bool
+) -> None:
+    from vmm.devices.virtio import balloon
+    from vmm.rate_limiter import TimerFd
+
+    entry = spec["virtio_devices"]["balloon"]
+    for name, value in entry["feature_bits"].items():
+        assert getattr(balloon, name) == value, name
+    offered = entry["offered_features"]
+    names = list(offered["always"])
+    if deflate_on_oom:
+        names += offered["deflate_on_oom"]
+    if stats_interval_s:
+        names += offered["stats_polling_interval_s_above_0"]
+    if reporting:
+        names += offered["free_page_reporting"]
+    timer = TimerFd()
+    try:
+        device_model = balloon.Balloon(
+            1, deflate_on_oom, stats_interval_s, reporting, timer if stats_interval_s else None
+        )
+    finally:
+        timer.close()
+    assert entry["device_id"] == device_model.device_type == balloon.VIRTIO_ID_BALLOON
+    assert device_model.avail_features == _virtio_feature_mask(spec, "balloon", names)
+    enabled = set(names)
+    expected_queues = [q["max_size"] for q in entry["queues"]
+                       if q.get("feature") is None or q["feature"] in enabled]
+    assert list(device_model.queue_max_sizes) == expected_queues
+    fields = {item["name"]: item for item in entry["config_space"]}
+    assert fields["num_pages"]["offset"] == balloon.CONFIG_NUM_PAGES_OFFSET
+    assert fields["actual"]["offset"] == balloon.CONFIG_ACTUAL_OFFSET
+    assert entry["pfn_shift"] == balloon.VIRTIO_BALLOON_PFN_SHIFT
+    assert entry["stat_entry_size"] == balloon.STAT_ENTRY.size
+    assert {name: tag for tag, name in balloon.STAT_NAMES.items()} == entry["stat_tags"]
+
+
+def test_vsock_device(spec: dict[str, Any]) -> None:
+    from vmm.devices.virtio import vsock
+
+    class NoHost:
+        def connect(self, port: int) -> vsock.HostStream:
+            raise ConnectionRefusedError(port)
+
+    entry = spec["virtio_devices"]["vsock"]
+    device_model = vsock.Vsock(3, NoHost())
+    assert entry["device_id"] == device_model.device_type == vsock.VIRTIO_ID_VSOCK
+    assert [q["max_size"] for q in entry["queues"]] == list(device_model.queue_max_sizes)
+    names = entry["offered_features"]["always"]
+    assert device_model.avail_features == _virtio_feature_mask(spec, "vsock", names)
+    assert entry["config_space"] == [
+        {"name": "guest_cid", "offset": vsock.CONFIG_GUEST_CID_OFFSET,
+         "size": vsock.CONFIG_GUEST_CID_SIZE}
+    ]
+    assert entry["host_cid"] == vsock.VMADDR_CID_HOST
+    header = entry["packet_header"]
+    assert header["size"] == vsock.PACKET_HEADER.size
+    assert sum(field["size"] for field in header["fields"]) == vsock.PACKET_HEADER.size
+    packed = vsock.PacketHeader(*range(1, 11)).pack()
+    for position, field in enumerate(header["fields"], start=1):
+        raw = packed[field["offset"] : field["offset"] + field["size"]]
+        assert int.from_bytes(raw, "little") == position, field["name"]
+    assert entry["types"]["VIRTIO_VSOCK_TYPE_STREAM"] == vsock.VIRTIO_VSOCK_TYPE_STREAM
+    assert entry["ops"] == {op.name: op.value for op in vsock.Op}
+    for name, value in entry["shutdown_flags"].items():
+        assert getattr(vsock, name) == value, name
+    assert entry["max_packet_payload"] == vsock.MAX_PACKET_PAYLOAD
