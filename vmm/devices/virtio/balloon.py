@@ -182,7 +182,8 @@ class Balloon(VirtioDevice):
                 logger.debug("%r: ignored config write at %d length %d", self, offset, len(data))
                 return
             self.config_space[offset:end] = data
-            (self.actual_pages,) = struct.unpack_from("<I", self.config_space, CONFIG_ACTUAL_OFFSET)
+            actual = self.config_space[CONFIG_ACTUAL_OFFSET : CONFIG_ACTUAL_OFFSET + 4]
+            self.actual_pages = int.from_bytes(actual, "little")
 
     # API ------------------------------------------------------------------------------------
 
@@ -304,8 +305,8 @@ class Balloon(VirtioDevice):
     @staticmethod
     def _discard(memory: GuestMemory, address: int, length: int) -> None:
         if BALLOON_PAGE_SIZE % mmap.PAGESIZE:
-            # NOTE: a host page larger than 4 KiB cannot be returned per balloon page;
-            # the pages stay mapped and the guest still sees them as given away.
+            # NOTE: a host page larger than 4 KiB cannot be returned per balloon page,
+            # so the pages stay mapped although the guest counts them as given away.
             return
         memory.discard(address, length)
 
@@ -351,7 +352,7 @@ class Balloon(VirtioDevice):
         self.metrics.stats_updates_count += 1
 
     def on_stats_timer(self) -> None:
-        """Return the held stats buffer, which asks the driver for fresh statistics."""
+        """Return the held stats buffer, which makes the driver send fresh statistics."""
         with self.lock:
             if self.stats_index is None or self._held_stats_head is None or not self.is_activated:
                 return

@@ -298,6 +298,8 @@ class Vsock(VirtioDevice):
             if not self.is_activated:
                 return False
             local_port = self._allocate_local_port(guest_port)
+            # NOTE: a guest that never replies to this OP_REQUEST keeps the connection and
+            # the host socket open until the device resets; there is no connect timeout.
             connection = Connection(local_port, guest_port, stream, State.REQUEST_SENT)
             self._add(connection)
             self._queue_control(connection, Op.REQUEST)
@@ -489,7 +491,7 @@ class Vsock(VirtioDevice):
         if flags & VIRTIO_VSOCK_SHUTDOWN_SEND:
             connection.guest_shut_send = True
         if connection.guest_shut_recv and connection.guest_shut_send:
-            # 5.10.6.4: the peer of a full shutdown answers OP_RST, which ends the connection.
+            # 5.10.6.4: the peer of a full shutdown replies with OP_RST, which ends the connection.
             self._flush_to_host(connection)
             if connection.key in self.connections:
                 self._queue_control(connection, Op.RST)
@@ -599,7 +601,8 @@ class Vsock(VirtioDevice):
         """Write one packet into an rx chain and return its length, or 0 if it cannot fit.
 
         A chain too small for the packet goes back to the guest empty, and the packet
-        is lost: a Linux driver never offers less than a header plus one page.
+        is lost. Linux drivers offer buffers of about 4 KiB (VIRTIO_VSOCK_DEFAULT_RX_BUF_SIZE),
+        far more than a header.
         """
         capacity = _capacity(chain)
         if capacity < PACKET_HEADER.size + len(payload):

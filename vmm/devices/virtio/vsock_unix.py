@@ -71,7 +71,11 @@ class UnixStream:
         self.sock.shutdown(socket.SHUT_WR)
 
     def set_interest(self, read: bool, write: bool) -> None:
-        mask = (select.EPOLLIN if read else 0) | (select.EPOLLOUT if write else 0)
+        mask = 0
+        if read:
+            mask |= select.EPOLLIN
+        if write:
+            mask |= select.EPOLLOUT
         if read and self._pending:
             # The buffered bytes never raise an epoll event: report them at once.
             self.backend.call_ready_later(self)
