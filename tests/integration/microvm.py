@@ -30,7 +30,12 @@ class UnixHTTPConnection(http.client.HTTPConnection):
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
-        sock.connect(self.socket_path)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            # A socket file that exists before the server listens refuses the connection.
+            sock.close()
+            raise
         self.sock = sock
 
 
