@@ -38,7 +38,9 @@ from vmm.devices.virtio.balloon import Balloon
 from vmm.devices.virtio.block import Block, FileBackend
 from vmm.devices.virtio.device import VirtioDevice
 from vmm.devices.virtio.mmio import QUEUE_NOTIFY_OFFSET, MmioTransport
+from vmm.devices.virtio.net import Net, parse_mac
 from vmm.devices.virtio.rng import Rng
+from vmm.devices.virtio.tap import Tap
 from vmm.devices.virtio.vsock import Vsock
 from vmm.devices.virtio.vsock_unix import UnixVsockBackend
 from vmm.errors import StartError
@@ -46,6 +48,8 @@ from vmm.eventloop import EventLoop
 from vmm.kvm.ioctl import KvmError
 from vmm.kvm.system import Kvm, KvmCap, Vm
 from vmm.memory import GuestMemory, GuestMemoryError
+from vmm.mmds.http import MmdsService, MmdsVersion
+from vmm.mmds.stack import DEFAULT_IPV4_ADDRESS, MmdsStack
 from vmm.rate_limiter import RateLimiter, TimerFd
 from vmm.resources import Drive, VmResources
 from vmm.vcpu import VcpuThread
@@ -63,6 +67,8 @@ KVM_IDENTITY_MAP_ADDRESS = 0xFFFB_C000
 # KVM_CREATE_PIT2 flag: emulate the PC speaker port as a dummy (linux/kvm.h).
 KVM_PIT_SPEAKER_DUMMY = 1
 SECTOR_SIZE = 512
+# How often the MMDS stacks look for unacknowledged TCP data to send again.
+MMDS_TIMER_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -98,6 +104,7 @@ class Machine:
     rng: Rng | None = None
     balloon: Balloon | None = None
     vsock: Vsock | None = None
+    nets: dict[str, Net] = field(default_factory=dict)
     # Host resources of the entropy, balloon and vsock devices, closed after the event loop.
     closers: list[Callable[[], None]] = field(default_factory=list)
 
@@ -117,6 +124,23 @@ class Machine:
         for slot in self.virtio_slots:
             if slot.transport.device is block and block.is_activated:
                 slot.transport.interrupt.signal_config_change()
+
+    def update_net_rate_limiters(self, iface_id: str, body: dict[str, Any]) -> None:
+        """Apply the rate limiters of PATCH /network-interfaces to a running interface."""
+        net = self.nets.get(iface_id)
+        if net is None:
+            raise StartError(f"network interface {iface_id!r} is not attached to the running "
+                             "microVM")
+        with net.lock:
+            for attribute in ("rx_rate_limiter", "tx_rate_limiter"):
+                config = body.get(attribute)
+                if config is None:
+                    continue
+                limiter = getattr(net, attribute)
+                if limiter is not None:
+                    limiter.update(config)
+                else:
+                    setattr(net, attribute, _net_rate_limiter(self, net, config))
 
     def close(self) -> None:
         self.event_loop.close()
@@ -193,6 +217,9 @@ def _build(owner: MicroVm, resources: VmResources) -> Machine:
     for drive in resources.drives:
         _attach_drive(machine, drive, irq_trigger)
     _attach_entropy_balloon_vsock(machine, resources, irq_trigger)
+    mmds_service = _mmds_service(resources)
+    for iface in resources.network_interfaces:
+        _attach_net(machine, iface, resources, mmds_service, irq_trigger)
 
     machine.cmdline = _compose_cmdline(owner.default_boot_args(resources), resources, machine)
     entry = _write_boot_structures(machine, resources)
@@ -406,3 +433,69 @@ def _attach_vsock(machine: Machine, config: dict[str, Any], irq_trigger) -> None
     machine.closers.append(vsock.close)
     machine.closers.append(backend.close)
     machine.event_loop.add_reader(backend.fileno(), backend.handle_events)
+
+
+# Network interfaces and MMDS ----------------------------------------------------------------
+
+
+def _mmds_service(resources: VmResources) -> MmdsService | None:
+    """Return the MMDS service when MMDS is configured; it reads the API's data store."""
+    config = resources.mmds_config
+    if config is None:
+        return None
+    return MmdsService(
+        data_source=lambda: resources.mmds_data,
+        version=MmdsVersion(config.get("version", MmdsVersion.V1)),
+        imds_compat=bool(config.get("imds_compat", False)),
+    )
+
+
+def _attach_net(
+    machine: Machine,
+    iface: dict[str, Any],
+    resources: VmResources,
+    mmds_service: MmdsService | None,
+    irq_trigger,
+) -> None:
+    """Open the interface's tap and attach a virtio-net device for it in the next slot."""
+    iface_id = iface["iface_id"]
+    tap = Tap(iface["host_dev_name"])
+    machine.closers.append(tap.close)
+    mmds = None
+    config = resources.mmds_config
+    if mmds_service is not None and config is not None:
+        if iface_id in config["network_interfaces"]:
+            address = config.get("ipv4_address") or DEFAULT_IPV4_ADDRESS
+            mmds = MmdsStack(mmds_service, address)
+    guest_mac = parse_mac(iface["guest_mac"]) if iface.get("guest_mac") else None
+    net = Net(iface_id, tap, guest_mac, iface.get("mtu"), mmds)
+    net.on_rx_interest = _tap_watcher(machine.event_loop, tap, net)
+    net.rx_rate_limiter = _net_rate_limiter(machine, net, iface.get("rx_rate_limiter"))
+    net.tx_rate_limiter = _net_rate_limiter(machine, net, iface.get("tx_rate_limiter"))
+    if mmds is not None:
+        machine.event_loop.add_periodic(MMDS_TIMER_INTERVAL_S, net.process_mmds_timers)
+    _attach_virtio_device(machine, net, irq_trigger)
+    machine.nets[iface_id] = net
+
+
+def _tap_watcher(event_loop: EventLoop, tap: Tap, net: Net) -> Callable[[bool], None]:
+    """Return the callable that adds the tap to the event loop for `net`, or removes it."""
+
+    def set_interest(wanted: bool) -> None:
+        if wanted:
+            event_loop.add_reader(tap.fileno(), net.process_backend)
+        else:
+            event_loop.remove_reader(tap.fileno())
+
+    return set_interest
+
+
+def _net_rate_limiter(
+    machine: Machine, net: Net, config: dict[str, Any] | None
+) -> RateLimiter | None:
+    limiter = RateLimiter.from_config(config)
+    if limiter is None:
+        return None
+    machine.closers.append(limiter.close)
+    machine.event_loop.add_reader(limiter.timer_fd, lambda: net.on_rate_limiter_timer(limiter))
+    return limiter

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -42,13 +43,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# `kill -USR2 PID` logs every vCPU's registers; the guest keeps running.
+STATE_DUMP_SIGNAL = signal.SIGUSR2
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 
 # Devices this build can create; any other configured device fails InstanceStart.
-_UNSUPPORTED_DEVICE_FIELDS = {
-    "network_interfaces": "network interface",
-}
+_UNSUPPORTED_DEVICE_FIELDS: dict[str, str] = {}
 
 
 @dataclass
@@ -92,6 +94,7 @@ class MicroVm:
         self._machine: Machine | None = None
         if threading.current_thread() is threading.main_thread():
             install_kick_handler()
+            signal.signal(STATE_DUMP_SIGNAL, self._on_state_dump_signal)
 
     # --- Runtime interface used by vmm.controller ------------------------------------------
 
@@ -151,6 +154,12 @@ class MicroVm:
         except ValueError as error:
             raise StartError(str(error)) from error
 
+    def update_network_interface(self, iface_id: str, body: dict) -> None:
+        """Apply PATCH /network-interfaces (rx and tx rate limiters) to a running interface."""
+        if self._machine is None:
+            return
+        self._machine.update_net_rate_limiters(iface_id, body)
+
     def wait(self) -> int:
         self._stop.event.wait()
         self._teardown()
@@ -189,6 +198,12 @@ class MicroVm:
         if reason is StopReason.ERROR:
             log.error("vcpu %d stopped: %s", index, detail)
         self._request_stop(reason, detail, code)
+
+    def _on_state_dump_signal(self, _signum: int, _frame: object) -> None:
+        machine = self._machine
+        if machine is not None:
+            for thread in machine.vcpu_threads:
+                thread.request_state_dump()
 
     def _request_stop(self, reason: StopReason, detail: str, exit_code: int) -> None:
         if self._stop.event.is_set():
@@ -239,6 +254,11 @@ class MicroVm:
         ):
             if device is not None:
                 self.metrics.register(group, _counters_of(device))
+        for iface_id, net in machine.nets.items():
+            self.metrics.register("net", net.metrics_snapshot)
+            self.metrics.register(f"net_{iface_id}", net.metrics_snapshot)
+            if net.mmds is not None:
+                self.metrics.register("mmds", net.mmds.metrics_snapshot)
 
     def _teardown(self) -> None:
         machine = self._machine

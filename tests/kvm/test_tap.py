@@ -16,6 +16,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -145,3 +146,32 @@ def test_second_open_of_busy_tap_names_errno(namespaced_tap: NamespacedTap) -> N
 def test_invalid_name_is_rejected() -> None:
     with pytest.raises(TapError, match="1 to 15 bytes"):
         Tap("x" * 16)
+
+
+def test_monitor_boots_with_network_interface_and_mmds(tmp_path: Path) -> None:
+    """InstanceStart opens the tap, attaches virtio-net with MMDS and the guest runs."""
+    from tests.integration.microvm import Monitor
+    from tests.kvm.test_monitor_boot import MESSAGE
+    from tests.kvm.tiny_kernels import serial_message_then_reset, write_elf
+
+    name = f"vmmtap{uuid.uuid4().hex[:8]}"
+    # The tap stays down in the root namespace, so no frame leaves it.
+    subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], check=True, timeout=10)
+    kernel = write_elf(tmp_path / "tiny.elf", serial_message_then_reset(MESSAGE))
+    monitor = Monitor(tmp_path)
+    try:
+        monitor.wait_for_api()
+        api = monitor.api
+        assert api.put("/machine-config", {"vcpu_count": 1, "mem_size_mib": 32})[0] == 204
+        assert api.put("/boot-source", {"kernel_image_path": str(kernel)})[0] == 204
+        assert api.put("/network-interfaces/eth0", {
+            "iface_id": "eth0", "host_dev_name": name, "guest_mac": "AA:FC:00:00:00:01",
+        })[0] == 204
+        assert api.put("/mmds/config", {"network_interfaces": ["eth0"], "version": "V2"})[0] == 204
+        status, body = api.put("/actions", {"action_type": "InstanceStart"})
+        assert status == 204, body
+        monitor.expect("hello from the tiny kernel", 60)
+        assert monitor.wait_exit(60) == 0
+    finally:
+        monitor.terminate()
+        subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=10)
