@@ -7,11 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from images import cache, kconfig, kernel_build, rootfs_files
+from images import cache, host, kconfig, kernel_build, rootfs_files
 from vmm.arch.x86_64.layout import BOOT_TIMER_ADDRESS
 
 FRAGMENT_TEXT = kernel_build.FRAGMENT_PATH.read_text()
 FRAGMENT = kconfig.parse_config(FRAGMENT_TEXT)
+
+needs_dpkg = pytest.mark.skipif(
+    shutil.which("dpkg-query") is None, reason="needs dpkg-query (a Debian host)"
+)
 
 # Settings the guest needs, as the fragment must state them.
 REQUIRED_SETTINGS: dict[str, str] = {
@@ -143,6 +147,9 @@ def test_input_key_changes_with_package_version(tmp_path: Path) -> None:
     assert old != new
 
 
+@pytest.mark.skipif(
+    not kernel_build.SOURCE_TARBALL.is_file(), reason="needs linux-source-6.1 installed"
+)
 def test_kernel_inputs_include_fragment() -> None:
     files, settings = kernel_build.kernel_inputs()
     assert kernel_build.FRAGMENT_PATH in files
@@ -202,6 +209,29 @@ def test_abandoned_cleanup_spares_running_build(tmp_path: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         cache.remove_abandoned_builds(tmp_path, held="thing-0123")
     assert running.is_dir()
+
+
+def test_missing_tool_names_apt_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(host.TOOL_PACKAGES, "no-such-tool-for-images", "fake-package")
+    with pytest.raises(host.ImageError) as raised:
+        host.require_tools(["sh", "no-such-tool-for-images"])
+    message = str(raised.value)
+    assert "no-such-tool-for-images" in message
+    assert "apt-get install fake-package" in message
+    assert "sh," not in message
+
+
+@needs_dpkg
+def test_missing_package_names_apt_package() -> None:
+    with pytest.raises(host.ImageError, match="apt-get install no-such-package-for-images"):
+        host.package_versions(["dpkg", "no-such-package-for-images"])
+
+
+@needs_dpkg
+def test_package_versions_reads_dpkg() -> None:
+    versions = host.package_versions(["dpkg"])
+    assert list(versions) == ["dpkg"]
+    assert versions["dpkg"][0].isdigit()
 
 
 def test_sha512_crypt_matches_known_hash() -> None:
