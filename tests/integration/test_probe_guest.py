@@ -9,6 +9,7 @@ with two vCPUs.
 from __future__ import annotations
 
 import re
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +34,11 @@ PRESET_PATTERN = bytes(range(256)) * 2
 VIRTIO_F_VERSION_1 = 1 << 32
 VIRTIO_BLK_F_RO = 1 << 5
 VIRTIO_BLK_F_FLUSH = 1 << 9
+GUEST_CID = 3
+BALLOON_START_MIB = 4
+PAGES_PER_MIB = 256
+VSOCK_HOST_PORT = 5005
+VSOCK_GUEST_PORT = 6006
 
 
 @dataclass
@@ -42,6 +48,7 @@ class ProbeVm:
     monitor: Monitor
     rw_drive: Path
     ro_drive: Path
+    vsock_path: Path
     boot_to_login_s: float
     rejected_login: str = ""
     accepted_login: str = ""
@@ -59,8 +66,12 @@ class ProbeVm:
         return rest.rstrip("\n")
 
 
-def start_probe(monitor: Monitor, vcpu_count: int, drives: list[dict[str, object]]) -> float:
-    """Configure and start a probe VM; return the seconds from InstanceStart to `login:`."""
+def start_probe(monitor: Monitor, vcpu_count: int, drives: list[dict[str, object]],
+                devices: dict[str, dict[str, object]] | None = None) -> float:
+    """Configure and start a probe VM; return the seconds from InstanceStart to `login:`.
+
+    `devices` maps API paths such as "/entropy" to the body PUT there before the start.
+    """
     monitor.wait_for_api()
     api = monitor.api
     status, body = api.put("/machine-config", {"vcpu_count": vcpu_count, "mem_size_mib": 64})
@@ -70,6 +81,9 @@ def start_probe(monitor: Monitor, vcpu_count: int, drives: list[dict[str, object
     assert status == 204, body
     for drive in drives:
         status, body = api.put(f"/drives/{drive['drive_id']}", drive)
+        assert status == 204, body
+    for path, device_body in (devices or {}).items():
+        status, body = api.put(path, device_body)
         assert status == 204, body
     started = time.monotonic()
     status, body = api.put("/actions", {"action_type": "InstanceStart"})
@@ -101,13 +115,19 @@ def probe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProbeVm]:
     rw_drive.write_bytes(bytes(image))
     ro_drive = workdir / "ro.img"
     ro_drive.write_bytes(bytes(RO_DRIVE_SECTORS * SECTOR_SIZE))
+    vsock_path = workdir / "vsock.sock"
     monitor = Monitor(workdir, "--boot-timer")
+    devices: dict[str, dict[str, object]] = {
+        "/entropy": {},
+        "/balloon": {"amount_mib": BALLOON_START_MIB, "deflate_on_oom": False},
+        "/vsock": {"guest_cid": GUEST_CID, "uds_path": str(vsock_path)},
+    }
     try:
         boot_s = start_probe(monitor, 1, [
             drive("scratch", rw_drive, read_only=False, cache_type="Writeback"),
             drive("readonly", ro_drive, read_only=True, cache_type="Unsafe"),
-        ])
-        vm = ProbeVm(monitor, rw_drive, ro_drive, boot_s)
+        ], devices)
+        vm = ProbeVm(monitor, rw_drive, ro_drive, vsock_path, boot_s)
         vm.rejected_login = log_in(monitor, "root", "wrong", "login: ")
         vm.accepted_login = log_in(monitor, "root", "root", re.escape(PROMPT))
         yield vm
@@ -165,9 +185,9 @@ def test_devices_both_discovery_paths_agree(probe: ProbeVm,
     output = probe.run("devices")
     figures["devices_s"] = round(probe.command_times["devices"], 4)
     assert "cpus 1" in output.splitlines()
-    assert "discovery cmdline=2 acpi=2 agree" in output
+    assert "discovery cmdline=5 acpi=5 agree" in output
     lines = device_lines(output)
-    assert set(lines) == {"blk0", "blk1"}
+    assert set(lines) == {"blk0", "blk1", "rng0", "balloon0", "vsock0"}
     for name, line in lines.items():
         assert "found=cmdline+acpi" in line, name
         assert "irq-mismatch" not in line, name
@@ -262,3 +282,82 @@ def test_two_vcpus_boot_and_reboot_exits_zero(tmp_path: Path,
         assert "the guest reset the machine" in monitor.read_log()
     finally:
         monitor.terminate()
+
+
+def test_rng_returns_fresh_bytes(probe: ProbeVm, figures: dict[str, object]) -> None:
+    first = probe.run("rng 64").splitlines()
+    figures["rng_s"] = round(probe.command_times["rng"], 4)
+    second = probe.run("rng 64").splitlines()
+    assert first[-1] == "rng 64 bytes"
+    assert len(bytes.fromhex("".join(first[:-1]))) == 64
+    assert first[:-1] != second[:-1]
+
+
+def test_rng_count_out_of_range_is_error(probe: ProbeVm) -> None:
+    output = probe.run("rng 5000")
+    assert output.startswith("error:")
+    assert "5000" in output
+
+
+def free_pages(probe: ProbeVm) -> int:
+    match = re.fullmatch(r"free (\d+) pages of \d+", probe.run("mem"))
+    assert match, "mem output has the wrong form"
+    return int(match.group(1))
+
+
+def test_balloon_follows_target(probe: ProbeVm, figures: dict[str, object]) -> None:
+    target = BALLOON_START_MIB * PAGES_PER_MIB
+    before = free_pages(probe)
+    assert probe.run("balloon") == f"balloon target {target} actual {target}"
+    figures["balloon_inflate_s"] = round(probe.command_times["balloon"], 4)
+    assert free_pages(probe) == before - target
+
+    status, body = probe.monitor.api.request("PATCH", "/balloon", {"amount_mib": 0})
+    assert status == 204, body
+    assert probe.run("balloon") == "balloon target 0 actual 0"
+    assert free_pages(probe) == before
+    status, body = probe.monitor.api.get("/balloon")
+    assert status == 200, body
+    assert body["amount_mib"] == 0
+
+
+def test_vsock_guest_connects_to_host(probe: ProbeVm, figures: dict[str, object]) -> None:
+    listener_path = f"{probe.vsock_path}_{VSOCK_HOST_PORT}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(listener_path)
+        listener.listen(1)
+        listener.settimeout(COMMAND_TIMEOUT_S)
+        output = probe.run(f"vsock connect {VSOCK_HOST_PORT}")
+        figures["vsock_connect_s"] = round(probe.command_times["vsock"], 4)
+        assert output.startswith(f"connected cid 2 port {VSOCK_HOST_PORT}")
+        connection, _ = listener.accept()
+        with connection:
+            connection.settimeout(COMMAND_TIMEOUT_S)
+            assert probe.run("vsock send hello host") == "sent 11"
+            assert connection.recv(64) == b"hello host\n"
+            connection.sendall(b"hello guest")
+            assert probe.run("vsock recv 5000") == "recv 11 hello guest"
+            assert probe.run("vsock close").startswith("closed")
+            assert connection.recv(64) == b""
+
+
+def test_vsock_host_connects_to_guest(probe: ProbeVm) -> None:
+    probe.monitor.process.sendline(f"vsock listen {VSOCK_GUEST_PORT} 20000")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(COMMAND_TIMEOUT_S)
+        client.connect(str(probe.vsock_path))
+        client.sendall(f"CONNECT {VSOCK_GUEST_PORT}\n".encode())
+        probe.monitor.expect(r"accepted cid 2 port \d+", COMMAND_TIMEOUT_S)
+        probe.monitor.expect(re.escape(PROMPT), COMMAND_TIMEOUT_S)
+        assert client.recv(64).startswith(b"OK ")
+        client.sendall(b"ping")
+        assert probe.run("vsock recv 5000") == "recv 4 ping"
+        assert probe.run("vsock send pong") == "sent 5"
+        assert client.recv(64) == b"pong\n"
+        assert probe.run("vsock close").startswith("closed")
+
+
+def test_vsock_errors_name_what_failed(probe: ProbeVm) -> None:
+    assert probe.run("vsock send nobody").startswith("error: vsock send: not connected")
+    refused = probe.run("vsock connect 7777")
+    assert refused.startswith("error: vsock connect to port 7777")
