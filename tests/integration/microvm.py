@@ -78,7 +78,15 @@ class ConsoleTimeout(AssertionError):
 class Monitor:
     """One `vmm` process with its console under pexpect."""
 
-    def __init__(self, workdir: Path, *extra_args: str, instance_id: str = "test-vm") -> None:
+    def __init__(
+        self, workdir: Path, *extra_args: str, instance_id: str = "test-vm",
+        netns: str | None = None,
+    ) -> None:
+        """Start `python -m vmm` in `workdir`; inside network namespace `netns` if given.
+
+        The namespace (made by the caller, `ip netns add`) holds the taps the guest uses.
+        The API socket is a file, so the test reaches it from any namespace.
+        """
         self.workdir = workdir
         self.socket_path = str(workdir / "api.sock")
         self.log_path = workdir / "monitor.log"
@@ -93,9 +101,12 @@ class Monitor:
             "--metrics-path", str(self.metrics_path),
             *extra_args,
         ]
+        command = sys.executable
+        if netns is not None:
+            command, args = "ip", ["netns", "exec", netns, sys.executable, *args]
         self.started = time.monotonic()
         self.process = pexpect.spawn(
-            sys.executable, args, cwd=str(workdir), timeout=None, maxread=65536,
+            command, args, cwd=str(workdir), timeout=None, maxread=65536,
             encoding="utf-8", codec_errors="replace", dimensions=(50, 200),
         )
         self.process.delaybeforesend = None

@@ -8,9 +8,13 @@ with two vCPUs.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import socket
+import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +43,13 @@ BALLOON_START_MIB = 4
 PAGES_PER_MIB = 256
 VSOCK_HOST_PORT = 5005
 VSOCK_GUEST_PORT = 6006
+# The network test's namespace: the tap's kernel side and the probe's addresses.
+NAMESPACE_ADDRESS = "10.254.9.1"
+PROBE_ADDRESS = "10.254.9.2"
+PROBE_MAC = "aa:fc:00:00:00:02"
+ETHERTYPE_ARP = 0x0806
+ARP_REQUEST = 1
+ARP_REPLY = 2
 
 
 @dataclass
@@ -361,3 +372,81 @@ def test_vsock_errors_name_what_failed(probe: ProbeVm) -> None:
     assert probe.run("vsock send nobody").startswith("error: vsock send: not connected")
     refused = probe.run("vsock connect 7777")
     assert refused.startswith("error: vsock connect to port 7777")
+
+
+def tap_unusable_reason() -> str | None:
+    """Return why this test cannot make a namespace with a tap, or None when it can."""
+    if os.geteuid() != 0:
+        return "creating network namespaces and tap devices needs root"
+    if not os.path.exists("/dev/net/tun"):
+        return "/dev/net/tun does not exist"
+    if shutil.which("ip") is None:
+        return "the ip command (iproute2) is not installed"
+    return None
+
+
+def ip(*arguments: str) -> None:
+    subprocess.run(["ip", *arguments], check=True, capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def tap_namespace() -> Iterator[tuple[str, str]]:
+    """Make a network namespace with a tap at NAMESPACE_ADDRESS; yield (namespace, tap)."""
+    reason = tap_unusable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    # Interface names have at most 15 characters (IFNAMSIZ 16 with the NUL).
+    suffix = uuid.uuid4().hex[:6]
+    namespace, tap = f"probetest-{suffix}", f"probetap{suffix}"
+    ip("netns", "add", namespace)
+    try:
+        ip("-n", namespace, "tuntap", "add", "dev", tap, "mode", "tap")
+        ip("-n", namespace, "addr", "add", f"{NAMESPACE_ADDRESS}/24", "dev", tap)
+        ip("-n", namespace, "link", "set", tap, "up")
+        yield namespace, tap
+    finally:
+        subprocess.run(["ip", "netns", "del", namespace], capture_output=True, timeout=10)
+
+
+def arp_frame(operation: int, source_mac: bytes, source_ip: str, target_mac: bytes,
+              target_ip: str, destination: bytes) -> bytes:
+    """Build an Ethernet frame carrying an ARP packet for IPv4 over Ethernet (RFC 826)."""
+    header = destination + source_mac + ETHERTYPE_ARP.to_bytes(2, "big")
+    arp = (bytes.fromhex("000108000604") + operation.to_bytes(2, "big") + source_mac
+           + socket.inet_aton(source_ip) + target_mac + socket.inet_aton(target_ip))
+    return header + arp
+
+
+def test_net_arp_round_trip_through_tap(tmp_path: Path, tap_namespace: tuple[str, str],
+                                        figures: dict[str, object]) -> None:
+    namespace, tap = tap_namespace
+    monitor = Monitor(tmp_path, netns=namespace)
+    interface = {"iface_id": "eth0", "host_dev_name": tap, "guest_mac": PROBE_MAC}
+    try:
+        start_probe(monitor, 1, [], {"/network-interfaces/eth0": interface})
+        log_in(monitor, "root", "root", re.escape(PROMPT))
+        vm = ProbeVm(monitor, tmp_path, tmp_path, tmp_path, 0.0)
+        assert vm.run("net mac 0") == f"mac {PROBE_MAC}"
+
+        probe_mac = bytes.fromhex(PROBE_MAC.replace(":", ""))
+        request = arp_frame(ARP_REQUEST, probe_mac, PROBE_ADDRESS, bytes(6),
+                            NAMESPACE_ADDRESS, b"\xff" * 6)
+        assert vm.run(f"net send 0 {request.hex()}") == f"sent {len(request)}"
+        figures["net_send_s"] = round(vm.command_times["net"], 4)
+
+        # The namespace's kernel may send other frames first (IPv6 router solicitations).
+        reply = b""
+        for _ in range(8):
+            lines = vm.run("net recv 0 3000").splitlines()
+            assert lines[-1] != "none", "no ARP reply arrived from the namespace"
+            frame = bytes.fromhex("".join(lines[:-1]))
+            if frame[12:14] == ETHERTYPE_ARP.to_bytes(2, "big"):
+                reply = frame
+                break
+        assert reply[:6] == probe_mac
+        assert int.from_bytes(reply[20:22], "big") == ARP_REPLY
+        assert reply[28:32] == socket.inet_aton(NAMESPACE_ADDRESS)
+        assert reply[38:42] == socket.inet_aton(PROBE_ADDRESS)
+        assert vm.run("net send 0 zz").startswith("error: net send: HEXFRAME")
+    finally:
+        monitor.terminate()
