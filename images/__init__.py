@@ -4,6 +4,8 @@
   (ELF `vmlinux` and `bzImage`), see `images.kernel_build`;
 - an ext4 root filesystem of busybox-static and dropbear, with a getty on ttyS0 (root/root)
   and an SSH server that accepts a client key made at build time, see `images.rootfs_build`.
+- the probe guest, a freestanding 64-bit test kernel with a serial shell and polled virtio
+  drivers, built from `images/probe` with the system gcc, see `images.probe_build`.
 
 Outputs are cached in `${VMM_IMAGES_CACHE:-~/.cache/vmm-images}`, one directory per hash of
 the inputs, and rebuilt only when an input changes. The first kernel build takes minutes.
@@ -13,16 +15,19 @@ Command line (progress on stderr; the last stdout line of `paths` is one JSON ob
     python -m images paths        # build what is missing, print the paths as JSON
     python -m images kernel       # build or look up the kernel only
     python -m images rootfs       # build or look up the root filesystem only
+    python -m images probe        # build or look up the probe guest only (seconds)
     python -m images qemu-check   # boot both under QEMU TCG, log in, reboot
 
-From Python, `images.build_paths()` returns the same dictionary as `paths`.
+From Python, `images.build_paths()` returns the dictionary of `paths` without "probe",
+and `images.build_probe()` returns the probe's path.
 """
 
 from images.host import ImageError
 from images.kernel_build import build_kernel
+from images.probe_build import build_probe
 from images.rootfs_build import build_rootfs
 
-__all__ = ["ImageError", "build_paths"]
+__all__ = ["ImageError", "build_paths", "build_probe"]
 
 
 def build_paths() -> dict[str, str]:

@@ -1,8 +1,9 @@
-"""Command line of the image builder: `python -m images paths|kernel|rootfs|qemu-check`.
+"""Command line of the image builder: `python -m images paths|kernel|rootfs|probe|qemu-check`.
 
 Progress goes to stderr. `paths` prints, as its last stdout line, one JSON object with the
-keys "kernel" (ELF vmlinux), "bzimage", "rootfs" and "ssh_key". Exit status 1 on failure,
-with the reason (for a missing host tool, the apt package to install) on stderr.
+keys "kernel" (ELF vmlinux), "bzimage", "rootfs", "ssh_key" and "probe" (the probe guest's
+ELF). Exit status 1 on failure, with the reason (for a missing host tool, the apt package
+to install) on stderr.
 """
 
 import argparse
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from images import ImageError, build_paths
 from images.kernel_build import build_kernel
+from images.probe_build import build_probe
 from images.rootfs_build import build_rootfs
 
 
@@ -20,13 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run one CLI command and return the process exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m images",
-        description="Build the guest kernel and root filesystem from Debian packages.",
+        description="Build the guest kernel, root filesystem and probe guest from Debian "
+        "packages.",
     )
     parser.add_argument(
         "command",
-        choices=["paths", "kernel", "rootfs", "qemu-check"],
-        help="paths: build what is missing and print the paths as JSON; kernel, rootfs: "
-        "build one; qemu-check: boot the images under QEMU TCG, log in and reboot",
+        choices=["paths", "kernel", "rootfs", "probe", "qemu-check"],
+        help="paths: build what is missing and print the paths as JSON; kernel, rootfs, "
+        "probe: build one; qemu-check: boot the images under QEMU TCG, log in and reboot",
     )
     arguments = parser.parse_args(argv)
     started = time.monotonic()
@@ -42,13 +45,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(command: str) -> None:
     if command == "paths":
-        print(json.dumps(build_paths()))
+        print(json.dumps({**build_paths(), "probe": str(build_probe())}))
     elif command == "kernel":
         kernel = build_kernel()
         print(json.dumps({"kernel": str(kernel.vmlinux), "bzimage": str(kernel.bzimage)}))
     elif command == "rootfs":
         rootfs = build_rootfs()
         print(json.dumps({"rootfs": str(rootfs.rootfs), "ssh_key": str(rootfs.ssh_key)}))
+    elif command == "probe":
+        print(json.dumps({"probe": str(build_probe())}))
     else:
         _qemu_check()
 

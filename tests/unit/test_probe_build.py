@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 from pathlib import Path
@@ -88,3 +89,13 @@ def test_cache_key_changes_when_a_source_changes(tmp_path: Path) -> None:
 def test_sources_include_entry_and_linker_script() -> None:
     names = {path.name for path in probe_build.probe_sources()}
     assert {"start.S", "probe.ld", "probe.h", "shell.c"} <= names
+
+
+def test_images_cli_prints_probe_path(fresh_cache: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from images.__main__ import main
+
+    assert main(["probe"]) == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert Path(printed["probe"]) == probe_build.build_probe()
+    assert Path(printed["probe"]).is_relative_to(fresh_cache)
