@@ -54,11 +54,18 @@ class Console:
         self._loop = loop
         if self._input_fd is None:
             return
+        try:
+            loop.add_reader(self._input_fd, self._read_input)
+        except PermissionError:
+            # epoll rejects regular files and /dev/null: such an input has nothing to wait
+            # for, so the guest gets no console input.
+            log.info("console input is not pollable (a file or /dev/null); not reading it")
+            self._input_fd = None
+            return
         if os.isatty(self._input_fd):
             self._saved_terminal = termios.tcgetattr(self._input_fd)
             tty.setraw(self._input_fd)
         os.set_blocking(self._input_fd, False)
-        loop.add_reader(self._input_fd, self._read_input)
         self._reading = True
         loop.add_periodic(INPUT_RETRY_INTERVAL_S, self._feed_serial)
 

@@ -38,8 +38,8 @@ class EventLoop:
     def add_reader(self, fd: int, callback: Callback) -> None:
         """Run `callback` on the loop thread whenever `fd` is readable."""
         with self._lock:
+            self._epoll.register(fd, select.EPOLLIN)
             self._callbacks[fd] = callback
-        self._epoll.register(fd, select.EPOLLIN)
 
     def remove_reader(self, fd: int) -> None:
         with self._lock:

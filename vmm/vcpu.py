@@ -85,6 +85,7 @@ class VcpuThread:
         self.on_stop = on_stop
         self.counters = ExitCounters()
         self._stop_requested = False
+        self._dump_requested = False
         self._thread = threading.Thread(target=self._run, name=f"fc_vcpu {index}", daemon=True)
 
     def start(self) -> None:
@@ -100,6 +101,14 @@ class VcpuThread:
                 signal.pthread_kill(ident, KICK_SIGNAL)
             except ProcessLookupError:
                 pass
+
+    def request_state_dump(self) -> None:
+        """Log this vCPU's registers at its next exit; the guest then carries on."""
+        self._dump_requested = True
+        self.vcpu.request_immediate_exit(True)
+        ident = self._thread.ident
+        if ident is not None and self._thread.is_alive():
+            signal.pthread_kill(ident, KICK_SIGNAL)
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
@@ -119,6 +128,8 @@ class VcpuThread:
     def _loop(self) -> tuple[StopReason, str]:
         while not self._stop_requested:
             exit_reason = self.vcpu.run()
+            if self._dump_requested:
+                self._dump_state()
             if exit_reason is ExitReason.INTERRUPTED:
                 # KVM_RUN returned EINTR or EAGAIN: a kick, or a signal for the process.
                 continue
@@ -127,6 +138,20 @@ class VcpuThread:
             if outcome is not None:
                 return outcome
         return StopReason.REQUESTED, ""
+
+    def _dump_state(self) -> None:
+        self._dump_requested = False
+        if not self._stop_requested:
+            self.vcpu.request_immediate_exit(False)
+        regs = self.vcpu.get_regs()
+        sregs = self.vcpu.get_sregs()
+        log.warning(
+            "vcpu %d state: rip=%#x rsp=%#x rflags=%#x rax=%#x rbx=%#x rcx=%#x rdx=%#x "
+            "rsi=%#x rdi=%#x cr0=%#x cr3=%#x cr4=%#x efer=%#x cs=%#x; exits so far %s",
+            self.index, regs.rip, regs.rsp, regs.rflags, regs.rax, regs.rbx, regs.rcx,
+            regs.rdx, regs.rsi, regs.rdi, sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer,
+            sregs.cs.selector, self.counters.by_reason,
+        )
 
     def _handle_exit(self, exit_reason: ExitReason) -> tuple[StopReason, str] | None:
         if exit_reason == ExitReason.IO:
