@@ -3,7 +3,7 @@ images/probe, compiled with the system gcc and linked at physical 16 MiB.
 
 The monitor boots the result like an ELF vmlinux. It stays in supervisor mode, so it runs
 on hosts whose KVM cannot run guest user space. The flags keep the compiler to general
-registers and baseline x86-64 instructions, which a software instruction emulator knows.
+registers and baseline x86-64 instructions, which a software instruction emulator implements.
 The output is cached by a hash of the sources, the flags and the toolchain versions
 (images.cache), and `build_probe()` returns the path of `probe.elf`.
 """

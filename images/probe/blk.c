@@ -74,6 +74,8 @@ int blk_request(struct virtio_device *device, uint32_t type, uint64_t sector, vo
     virtq_notify(queue);
     uint32_t id;
     uint32_t used_length;
+    /* NOTE: a request that times out stays in the ring, and the next request reuses its
+     * descriptors, so the results of later requests on this device are unreliable. */
     if (virtq_wait_used(queue, &id, &used_length, BLK_REQUEST_TIMEOUT_MS) != WAIT_DONE)
         return REQUEST_TIMED_OUT;
     return status;

@@ -4,9 +4,9 @@
  *
  * Input: IRQ 4 reaches the IOAPIC (pin 4, KVM's default GSI routing) and is delivered to the
  * boot CPU as vector SERIAL_VECTOR. The handler drains the receive FIFO into a ring buffer.
- * A reader that finds the ring empty waits with `sti; hlt`: STI holds interrupts off until
- * the instruction after it completes, so the wake-up cannot fall between the check and HLT,
- * and an idle probe costs no exits to the monitor.
+ * A reader that finds the ring empty waits with `sti; hlt`. STI delays interrupts until the
+ * instruction after it completes, so the wake-up cannot fall between the check and HLT.
+ * An idle probe therefore costs no exits to the monitor.
  */
 #include "probe.h"
 
@@ -21,7 +21,6 @@
 #define UART_FCR_ENABLE_CLEAR 0x07
 #define UART_MCR_DTR_RTS_OUT2 0x0b
 #define UART_LSR_DATA_READY 0x01
-#define UART_LSR_THR_EMPTY 0x20
 #define COM1_IRQ 4
 
 /* 8259A PIC data ports: writing OCW1 there sets the interrupt mask register. */
@@ -44,7 +43,7 @@
 #define IOAPIC_WINDOW 0x10
 #define IOAPIC_REDIRECTION_TABLE 0x10
 
-/* Interrupt vector of the serial line; vectors below 32 are CPU exceptions. */
+/* Interrupt vector of the serial line, above the 32 vectors of CPU exceptions. */
 #define SERIAL_VECTOR 0x24
 
 /* 8254 PIT: channel 0 counts down from 65536 at 1.193182 MHz (mode 2, rate generator). */
@@ -54,7 +53,7 @@
 #define PIT_LATCH_CHANNEL0 0x00
 #define PIT_HZ 1193182ull
 
-/* i8042 command port; command 0xfe pulses the CPU reset line. */
+/* i8042 command port. Command 0xfe pulses the CPU reset line. */
 #define I8042_COMMAND_PORT 0x64
 #define I8042_RESET_CPU 0xfe
 
@@ -87,7 +86,7 @@ static void route_serial_interrupt(void)
 
 void console_init(void)
 {
-    /* The PICs would also see IRQ 4 and pass it through LINT0 (ExtINT); mask them. */
+    /* The PICs also see IRQ 4 and would pass it through LINT0 (ExtINT), so mask them. */
     outb(PIC_MASTER_DATA, PIC_MASK_ALL);
     outb(PIC_SLAVE_DATA, PIC_MASK_ALL);
     lapic_write(LAPIC_TPR, 0);
@@ -237,7 +236,7 @@ void clock_init(void)
     pit_last = 0;
 }
 
-/* Accumulate PIT ticks; callers must poll more often than once per 55 ms wrap. */
+/* Accumulate PIT ticks. Callers must read the clock at least once per 55 ms wrap. */
 static uint64_t clock_ticks(void)
 {
     outb(PIT_COMMAND, PIT_LATCH_CHANNEL0);

@@ -4,9 +4,10 @@
  * - the command line: `virtio_mmio.device=<size>@<base>:<irq>` entries, the syntax of
  *   Linux's CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES;
  * - ACPI (ACPI 6.3): the RSDP, found on a 16-byte boundary in 0xE0000-0xFFFFF (5.2.5.1),
- *   leads to the XSDT; its FADT gives the DSDT, whose AML lists each virtio-mmio device as a
- *   Device with _HID "LNRO0005" and a _CRS holding Memory32Fixed and Extended Interrupt
- *   descriptors (6.4.3.4, 6.4.3.6). The MADT gives the number of enabled CPUs.
+ *   leads to the XSDT, and the XSDT's FADT to the DSDT. The DSDT's AML lists each
+ *   virtio-mmio device as a Device with _HID "LNRO0005". Its _CRS contains a Memory32Fixed
+ *   and an Extended Interrupt descriptor (6.4.3.4, 6.4.3.6).
+ *   The MADT gives the number of enabled CPUs.
  */
 #include "probe.h"
 
@@ -122,7 +123,7 @@ static uint32_t table_length(const uint8_t *table)
     return *(const uint32_t *)(table + TABLE_LENGTH);
 }
 
-/* Decode an AML PkgLength at `data`; store its byte count in *size. */
+/* Decode the AML PkgLength at `data` and store the number of bytes it takes in *size. */
 static uint32_t pkg_length(const uint8_t *data, uint32_t *size)
 {
     uint32_t follow = data[0] >> 6;
@@ -147,7 +148,7 @@ static const uint8_t *find_bytes(const uint8_t *start, const uint8_t *end,
     return NULL;
 }
 
-/* Skip an AML integer (the Buffer's size); return the bytes after it or NULL. */
+/* Skip an AML integer (the Buffer's size). Return the byte after it, or NULL. */
 static const uint8_t *skip_integer(const uint8_t *p)
 {
     switch (p[0]) {

@@ -18,9 +18,9 @@
 #define E820_MAX_ENTRIES 128
 #define E820_ENTRY_SIZE 20
 #define E820_TYPE_RAM 1
-/* Low memory holds the monitor's boot structures and the ACPI tables; the probe keeps off. */
+/* Low memory contains the monitor's boot structures and ACPI tables, so the allocator skips it. */
 #define LOW_MEMORY_END 0x100000ull
-/* The page tables map 4 GiB; RAM above the MMIO gap, past 4 GiB, is left unused. */
+/* The page tables map 4 GiB, so RAM past 4 GiB (above the MMIO gap) is left unused. */
 #define MAPPED_LIMIT 0x100000000ull
 #define MAX_RANGES 8
 

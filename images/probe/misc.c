@@ -42,7 +42,7 @@ int rng_read(struct virtio_device *device, uint8_t *data, uint32_t count)
 }
 
 /*
- * Balloon state: the page frame numbers the host holds, in `inflated`, a table the probe
+ * Balloon state: the page frame numbers given to the host, in `inflated`, a table the probe
  * allocates at start-up with room for every page it could ever give.
  */
 struct balloon_driver {
@@ -125,7 +125,7 @@ static uint64_t balloon_inflate(struct virtio_device *device, uint64_t pages)
     return done;
 }
 
-/* Take back up to `pages` pages; with MUST_TELL_HOST or not, the host hears first. */
+/* Take back up to `pages` pages. The host is told before reuse, MUST_TELL_HOST or not. */
 static uint64_t balloon_deflate(struct virtio_device *device, uint64_t pages)
 {
     uint64_t done = 0;

@@ -1,5 +1,5 @@
 /*
- * Polled virtio-net driver (virtio 1.2, 5.1) without offloads: receiveq 0 holds one 2 KiB
+ * Polled virtio-net driver (virtio 1.2, 5.1) without offloads: receiveq 0 has one 2 KiB
  * device-writable buffer per descriptor; transmitq 1 sends one frame at a time. With
  * VIRTIO_F_VERSION_1 every packet starts with the 12-byte struct virtio_net_hdr (5.1.6).
  */
@@ -8,7 +8,7 @@
 #define NET_RECEIVE_QUEUE 0
 #define NET_TRANSMIT_QUEUE 1
 #define NET_HEADER_SIZE 12
-/* 5.1.6.3.1: without mergeable buffers or offloads, a buffer holds header and 1514 bytes. */
+/* 5.1.6.3.1: without mergeable buffers or offloads, a buffer fits a header and 1514 bytes. */
 #define NET_BUFFER_SIZE 2048
 #define NET_CONFIG_MAC 0
 #define NET_SEND_TIMEOUT_MS 5000

@@ -35,11 +35,10 @@ static const char help_text[] =
     "exits N                    write N times to an unused port (exit-cost benchmark)\n"
     "reboot                     reset the machine through the i8042\n";
 
+/* Words of a command line, split in place in a copy of the line. */
 struct command_line {
     char *words[MAX_WORDS];
     int count;
-    /* Text after the word at index `rest_from`, spaces included, for TEXT arguments. */
-    char *rest[MAX_WORDS];
 };
 
 static void split_words(char *line, struct command_line *command)
@@ -51,7 +50,6 @@ static void split_words(char *line, struct command_line *command)
             cursor++;
         if (!*cursor)
             break;
-        command->rest[command->count] = cursor;
         command->words[command->count++] = cursor;
         while (*cursor && *cursor != ' ')
             cursor++;
@@ -60,11 +58,11 @@ static void split_words(char *line, struct command_line *command)
     }
 }
 
-/* Return the original text from word `index` to the end of the line. */
+/* Return the original text from word `index` to the end of the line, spaces included. */
 static const char *text_from(const char *original, const char *line_copy,
                              struct command_line *command, int index)
 {
-    return original + (command->rest[index] - line_copy);
+    return original + (command->words[index] - line_copy);
 }
 
 static bool number_argument(struct command_line *command, int index, const char *name,

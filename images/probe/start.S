@@ -109,8 +109,13 @@ build_page_tables:
     .altmacro
     .macro isr_stub vector
     .balign 16
-    .if (\vector == 8) || ((\vector >= 10) && (\vector <= 14)) || (\vector == 17) || (\vector == 21) || (\vector == 29) || (\vector == 30)
-    .else
+    .set has_error_code, 0
+    .irp code, 8, 10, 11, 12, 13, 14, 17, 21, 29, 30
+    .if \vector == \code
+    .set has_error_code, 1
+    .endif
+    .endr
+    .if has_error_code == 0
     pushq $0
     .endif
     pushq $\vector

@@ -132,7 +132,10 @@ static bool send_packet(struct virtio_device *device, enum vsock_op op, uint32_t
     header->flags = flags;
     header->buf_alloc = VSOCK_BUFFER_ALLOC;
     header->fwd_cnt = vsock.forwarded;
-    struct vbuf buffers[2] = {{header, sizeof *header, false}, {vsock.tx_payload, length, false}};
+    struct vbuf buffers[2] = {{header, sizeof *header, false},
+                              {vsock.tx_payload, length, false}};
+    /* NOTE: the peer's credit (buf_alloc - (sent - fwd_cnt)) is not checked before sending.
+     * Payloads are at most VSOCK_MAX_PAYLOAD bytes, far below a host's usual buffer. */
     if (length)
         memcpy(vsock.tx_payload, payload, length);
     virtq_add(queue, 0, buffers, length ? 2 : 1);

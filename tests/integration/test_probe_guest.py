@@ -104,7 +104,8 @@ def start_probe(monitor: Monitor, vcpu_count: int, drives: list[dict[str, object
 
 
 def log_in(monitor: Monitor, user: str, password: str, expected: str) -> str:
-    """Answer `login:` and `Password:` and wait for `expected`; return what came between."""
+    """Send `user` and `password` at the login prompts, wait for `expected` and return the
+    output between the password and `expected`."""
     monitor.process.sendline(user)
     monitor.expect("Password: ", COMMAND_TIMEOUT_S)
     monitor.process.sendline(password)
@@ -183,6 +184,32 @@ def test_echo_uname_and_help(probe: ProbeVm, figures: dict[str, object]) -> None
     for command in ("blk read", "net send", "vsock connect", "balloon", "exits", "reboot"):
         assert command in help_text
     figures["echo_s"] = round(probe.command_times["echo"], 4)
+
+
+def test_backspace_edits_the_line(probe: ProbeVm) -> None:
+    monitor = probe.monitor
+    monitor.process.send("echo abX\x7fc\bd\r")
+    monitor.expect(re.escape(PROMPT), COMMAND_TIMEOUT_S)
+    output = (monitor.process.before or "").replace("\r\n", "\n")
+    assert output.splitlines()[-1] == "abd"
+
+
+def cpu_seconds(pid: int) -> float:
+    """Return the user plus system CPU time of process `pid` from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # After the command name: state is field 3, utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_probe_costs_no_cpu(probe: ProbeVm, figures: dict[str, object]) -> None:
+    idle_s = 2.0
+    before = cpu_seconds(probe.monitor.process.pid)
+    time.sleep(idle_s)
+    used = cpu_seconds(probe.monitor.process.pid) - before
+    figures["idle_cpu_fraction"] = round(used / idle_s, 4)
+    # The probe waits in HLT for the serial interrupt: no polling, so no CPU.
+    assert used < 0.1 * idle_s
+    assert probe.run("echo awake") == "awake"
 
 
 def test_unknown_command_is_an_error(probe: ProbeVm) -> None:
