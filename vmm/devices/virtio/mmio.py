@@ -71,6 +71,8 @@ MMIO_VENDOR_ID: Final = 0
 # 4.2.2: SHMLen reads all ones when the selected shared memory region does not exist.
 SHM_ABSENT: Final = 0xFFFF_FFFF
 _REGISTER_MASK: Final = 0xFFFF_FFFF
+# 2.2 Feature Bits: bits 0 to 127 exist, so the feature select registers name 4 pages of 32.
+FEATURE_PAGES: Final = 4
 
 # 2.1 Device Status Field.
 STATUS_ACKNOWLEDGE: Final = 1
@@ -256,6 +258,13 @@ class MmioTransport:
                 f"DriverFeatures write with status {self.status:#x}: features are set "
                 f"after DRIVER and before FEATURES_OK (3.1.1)"
             )
+        if self.driver_features_sel >= FEATURE_PAGES:
+            if value:
+                raise DriverRuleError(
+                    f"DriverFeatures write {value:#x} to page {self.driver_features_sel}: "
+                    f"feature bits end at {32 * FEATURE_PAGES - 1} (2.2)"
+                )
+            return
         shift = 32 * self.driver_features_sel
         self.driver_features &= ~(_REGISTER_MASK << shift)
         self.driver_features |= value << shift
