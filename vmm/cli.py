@@ -17,6 +17,7 @@ import vmm
 from vmm import logger as vmm_logger
 from vmm.controller import DEFAULT_INSTANCE_ID, Controller, Runtime
 from vmm.errors import ConfigError
+from vmm.metrics import Metrics
 from vmm.resources import VmResources
 
 log = logging.getLogger(__name__)
@@ -184,13 +185,14 @@ def _run(argv: Sequence[str] | None, runtime_factory: RuntimeFactory) -> int:
     _log_seccomp_state(args)
 
     runtime = runtime_factory(instance_id=args.id, boot_timer=args.boot_timer,
-                              metrics_path=args.metrics_path)
+                              metrics_path=args.metrics_path or None)
     controller = Controller(VmResources(), runtime, instance_id=args.id,
                             mmds_size_limit=args.mmds_size_limit,
-                            metrics_path=args.metrics_path)
+                            metrics_path=args.metrics_path or None)
     if metadata is not None:
         _apply_metadata(controller, metadata)
     server = None if args.no_api else _start_api_server(args, controller)
+    _register_startup_metrics(args, runtime)
     try:
         if config is not None:
             controller.apply_config(config)
@@ -241,10 +243,27 @@ def _start_api_server(args: argparse.Namespace, controller: Controller) -> Any:
         # --start-time-us is a CLOCK_MONOTONIC reading, which time.monotonic_ns() also uses.
         elapsed_us = time.monotonic_ns() // 1000 - args.start_time_us
         log.info("API server ready %d us after --start-time-us", elapsed_us)
-    # NOTE: --start-time-cpu-us and --parent-cpu-time-us are accepted for jailer
-    # compatibility but not reported anywhere yet.
     warm_up_in_background()
     return server
+
+
+def _register_startup_metrics(args: argparse.Namespace, runtime: Runtime) -> None:
+    """Report the start-up times the jailer's flags allow in the api_server metrics group.
+
+    process_startup_time_us is the CLOCK_MONOTONIC time since --start-time-us, and
+    process_startup_time_cpu_us the CPU time since --start-time-cpu-us plus
+    --parent-cpu-time-us. Without those flags both stay 0, as in Firecracker.
+    """
+    metrics = getattr(runtime, "metrics", None)
+    if not isinstance(metrics, Metrics):
+        return
+    figures: dict[str, int] = {}
+    if args.start_time_us is not None:
+        figures["process_startup_time_us"] = time.monotonic_ns() // 1000 - args.start_time_us
+    if args.start_time_cpu_us is not None:
+        cpu_us = time.process_time_ns() // 1000 - args.start_time_cpu_us
+        figures["process_startup_time_cpu_us"] = cpu_us + (args.parent_cpu_time_us or 0)
+    metrics.register("api_server", lambda: figures)
 
 
 def _start_from_config(controller: Controller) -> None:

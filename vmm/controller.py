@@ -18,6 +18,7 @@ import enum
 import json
 import logging
 import threading
+import time
 from typing import Any, Callable, Protocol
 
 import vmm
@@ -25,6 +26,7 @@ from vmm import logger as vmm_logger
 from vmm.api import routes
 from vmm.api.routes import BootPhase, Route
 from vmm.errors import ConfigError, StartError
+from vmm.metrics import Metrics
 from vmm.resources import VmResources
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,74 @@ _CONFIG_REQUESTS: tuple[tuple[str, str, str | None], ...] = (
 
 _MAX_ID_LENGTH = 64
 
+# Firecracker's API request counters: (method, path template) -> (metrics group, field
+# prefix). A request adds 1 to `<prefix>_count`, and a failed PUT or PATCH also adds 1 to
+# `<prefix>_fails`. Requests Firecracker does not count (balloon, entropy, snapshots,
+# PATCH /vm) are not counted here either.
+_REQUEST_COUNTERS: dict[tuple[str, str], tuple[str, str]] = {
+    ("GET", "/"): ("get_api_requests", "instance_info"),
+    ("GET", "/machine-config"): ("get_api_requests", "machine_cfg"),
+    ("GET", "/mmds"): ("get_api_requests", "mmds"),
+    ("GET", "/version"): ("get_api_requests", "vmm_version"),
+    ("GET", "/hotplug/memory"): ("get_api_requests", "hotplug_memory"),
+    ("PUT", "/actions"): ("put_api_requests", "actions"),
+    ("PUT", "/boot-source"): ("put_api_requests", "boot_source"),
+    ("PUT", "/drives/{drive_id}"): ("put_api_requests", "drive"),
+    ("PUT", "/logger"): ("put_api_requests", "logger"),
+    ("PUT", "/machine-config"): ("put_api_requests", "machine_cfg"),
+    ("PUT", "/cpu-config"): ("put_api_requests", "cpu_cfg"),
+    ("PUT", "/metrics"): ("put_api_requests", "metrics"),
+    ("PUT", "/network-interfaces/{iface_id}"): ("put_api_requests", "network"),
+    ("PUT", "/mmds"): ("put_api_requests", "mmds"),
+    ("PUT", "/vsock"): ("put_api_requests", "vsock"),
+    ("PUT", "/pmem/{id}"): ("put_api_requests", "pmem"),
+    ("PUT", "/serial"): ("put_api_requests", "serial"),
+    ("PUT", "/hotplug/memory"): ("put_api_requests", "hotplug_memory"),
+    ("PATCH", "/drives/{drive_id}"): ("patch_api_requests", "drive"),
+    ("PATCH", "/network-interfaces/{iface_id}"): ("patch_api_requests", "network"),
+    ("PATCH", "/machine-config"): ("patch_api_requests", "machine_cfg"),
+    ("PATCH", "/mmds"): ("patch_api_requests", "mmds"),
+    ("PATCH", "/hotplug/memory"): ("patch_api_requests", "hotplug_memory"),
+}
+
+
+class RequestCounters:
+    """Per-group API request counters, read by the metrics writer."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.groups: dict[str, dict[str, int]] = {
+            "get_api_requests": {}, "put_api_requests": {}, "patch_api_requests": {},
+        }
+        self.latencies_us: dict[str, int] = {}
+
+    def count(self, method: str, template: str, failed: bool) -> None:
+        """Count one request to a route; failures of GET requests have no counter."""
+        found = _REQUEST_COUNTERS.get((method, template))
+        if found is None:
+            return
+        group, prefix = found
+        with self._lock:
+            counters = self.groups[group]
+            counters[f"{prefix}_count"] = counters.get(f"{prefix}_count", 0) + 1
+            if failed and method != "GET":
+                counters[f"{prefix}_fails"] = counters.get(f"{prefix}_fails", 0) + 1
+
+    def provider(self, group: str) -> Callable[[], dict[str, int]]:
+        """Return a metrics provider for one of the request groups or latencies_us."""
+
+        def read() -> dict[str, int]:
+            with self._lock:
+                source = self.latencies_us if group == "latencies_us" else self.groups[group]
+                return dict(source)
+
+        return read
+
+    def register_with(self, metrics: Metrics) -> None:
+        """Register the request groups and latencies_us with `metrics`."""
+        for group in (*self.groups, "latencies_us"):
+            metrics.register(group, self.provider(group))
+
 
 def check_resource_id(name: str, value: str) -> None:
     """Raise ApiError unless a path id is non-empty, short, and letters, digits or `_`."""
@@ -133,6 +203,10 @@ class Controller:
         # --metrics-path on the command line sets the metrics output once and for all.
         self.cli_metrics_path = metrics_path
         self.state = VmState.NOT_STARTED
+        self.request_counters = RequestCounters()
+        runtime_metrics = getattr(runtime, "metrics", None)
+        if isinstance(runtime_metrics, Metrics):
+            self.request_counters.register_with(runtime_metrics)
         self._lock = threading.Lock()
 
     # Entry points -----------------------------------------------------------------------
@@ -203,14 +277,20 @@ class Controller:
 
     def _dispatch(self, method: str, path: str, raw_body: bytes) -> Response:
         route, params = routes.match(method, path)
-        body = self._parse_body(route, raw_body)
-        for name, value in params.items():
-            check_resource_id(name, value)
-        self._check_phase(route.phase)
-        handler: Callable[[dict[str, str], Any], Response] = getattr(self, route.handler)
-        if method != "GET":
-            log.info("API request %s %s", method, path)
-        return handler(params, body)
+        failed = True
+        try:
+            body = self._parse_body(route, raw_body)
+            for name, value in params.items():
+                check_resource_id(name, value)
+            self._check_phase(route.phase)
+            handler: Callable[[dict[str, str], Any], Response] = getattr(self, route.handler)
+            if method != "GET":
+                log.info("API request %s %s", method, path)
+            response = handler(params, body)
+            failed = response[0] >= 300
+            return response
+        finally:
+            self.request_counters.count(method, route.template, failed)
 
     def _parse_body(self, route: Route, raw_body: bytes) -> Any:
         from vmm.api import validation
@@ -281,14 +361,20 @@ class Controller:
         return NO_CONTENT
 
     def patch_vm(self, _params: dict[str, str], body: dict[str, Any]) -> Response:
+        """Pause or resume the vCPUs; asking for the current state again succeeds."""
+        began = time.monotonic()
         if body["state"] == "Paused":
             if self.state != VmState.PAUSED:
                 self._optional_runtime_call("pause", "pausing the microVM")
             self.state = VmState.PAUSED
+            latency = "pause_vm"
         else:
             if self.state != VmState.RUNNING:
                 self._optional_runtime_call("resume", "resuming the microVM")
             self.state = VmState.RUNNING
+            latency = "resume_vm"
+        self.request_counters.latencies_us[latency] = int((time.monotonic() - began) * 1e6)
+        log.info("microVM %s %s", self.instance_id, self.state.value.lower())
         return NO_CONTENT
 
     # Machine and boot source ------------------------------------------------------------
@@ -487,6 +573,13 @@ class Controller:
             raise ApiError("metrics: the metrics output is already set to "
                            f"{self.cli_metrics_path!r} by --metrics-path; it cannot be changed")
         self.resources.set_metrics(body)
+        configure = getattr(self.runtime, "configure_metrics", None)
+        if configure is not None:
+            try:
+                configure(body["metrics_path"])
+            except ValueError as error:
+                self.resources.metrics = None
+                raise ApiError(f"metrics: {error}") from None
         return NO_CONTENT
 
     # MMDS -------------------------------------------------------------------------------

@@ -39,6 +39,21 @@ DEFAULT_LEVEL = "Info"
 
 logging.addLevelName(TRACE, "TRACE")
 
+# Lines dropped by every LogOutput of this process, for the logger.missed_log_count metric.
+_dropped_lines = 0
+_dropped_lock = threading.Lock()
+
+
+def dropped_line_count() -> int:
+    """Return how many log lines were dropped because the output pipe was full or closed."""
+    return _dropped_lines
+
+
+def _count_dropped_line() -> None:
+    global _dropped_lines
+    with _dropped_lock:
+        _dropped_lines += 1
+
 
 def parse_level(name: str) -> int:
     """Return the logging level for a Firecracker level name, matched without case."""
@@ -103,11 +118,15 @@ class LogOutput(logging.Handler):
         try:
             os.write(self.fd, line)
         except BlockingIOError:
-            self.dropped_lines += 1
+            self._drop_line()
         except OSError as error:
             if error.errno not in (errno.EPIPE, errno.EAGAIN):
                 raise
-            self.dropped_lines += 1
+            self._drop_line()
+
+    def _drop_line(self) -> None:
+        self.dropped_lines += 1
+        _count_dropped_line()
 
     def close(self) -> None:
         if self.owns_fd:

@@ -34,10 +34,12 @@ from vmm.errors import StartError
 from vmm.eventloop import EventLoop
 from vmm.metrics import FLUSH_INTERVAL_S, Metrics
 from vmm.resources import DEFAULT_BOOT_ARGS, VmResources
-from vmm.vcpu import StopReason, VcpuThread, install_kick_handler, wait_all
+from vmm.vcpu import KICK_SIGNAL, StopReason, VcpuThread, install_kick_handler, wait_all
 
 if TYPE_CHECKING:
     from vmm.builder import Machine
+    from vmm.kvm.structs import ExitReason
+    from vmm.kvm.system import Vcpu
     from vmm.devices.virtio.balloon import Balloon
     from vmm.metrics import Provider
 
@@ -60,6 +62,85 @@ class BootFigures:
     instance_start_monotonic: float = 0.0
     instance_start_cpu: float = 0.0
     build_ms: float = 0.0
+
+
+# How long pause() waits for every vCPU thread to leave KVM_RUN and park.
+PAUSE_TIMEOUT_S = 5.0
+
+
+class PauseGate:
+    """Holds vCPU threads between two KVM_RUN calls while the microVM is paused.
+
+    Pausing and resuming
+    --------------------
+    Each vCPU thread calls `hold()` before every KVM_RUN (through `_GatedVcpu`). To pause,
+    the monitor closes the gate, then sets ``immediate_exit`` and sends each vCPU thread
+    KICK_SIGNAL, as stopping does (see vmm.vcpu): a KVM_RUN in progress returns EINTR, the
+    thread loops back to `hold()` and waits there, outside the guest. `pause()` returns
+    once every thread is parked, so no guest instruction runs after it returns. Resuming
+    clears ``immediate_exit`` and opens the gate. `release()` opens it for good when the
+    VM stops, so a paused VM can still shut down.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._paused = False
+        self._released = False
+        self._parked = 0
+
+    def hold(self) -> None:
+        """Wait while the gate is closed; return at once when it is open."""
+        with self._condition:
+            if not self._paused or self._released:
+                return
+            self._parked += 1
+            self._condition.notify_all()
+            while self._paused and not self._released:
+                self._condition.wait()
+            self._parked -= 1
+
+    def close(self) -> None:
+        """Make threads that reach hold() wait there."""
+        with self._condition:
+            self._paused = True
+
+    def open(self) -> None:
+        """Let parked threads run again."""
+        with self._condition:
+            self._paused = False
+            self._condition.notify_all()
+
+    def release(self) -> None:
+        """Open the gate and never close it again (the VM is stopping)."""
+        with self._condition:
+            self._released = True
+            self._condition.notify_all()
+
+    def wait_parked(self, count: int, timeout_s: float) -> bool:
+        """Wait until `count` threads wait in hold(); return False on timeout or release."""
+        deadline = time.monotonic() + timeout_s
+        with self._condition:
+            while self._parked < count and not self._released:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._condition.wait(remaining)
+            return not self._released
+
+
+class _GatedVcpu:
+    """A Vcpu whose run() first passes the pause gate; every other attribute is the Vcpu's."""
+
+    def __init__(self, vcpu: Vcpu, gate: PauseGate) -> None:
+        self._vcpu = vcpu
+        self._gate = gate
+
+    def run(self) -> ExitReason:
+        self._gate.hold()
+        return self._vcpu.run()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._vcpu, name)
 
 
 @dataclass
@@ -92,6 +173,8 @@ class MicroVm:
         self.figures = BootFigures()
         self._stop = _StopState()
         self._machine: Machine | None = None
+        self._pause_gate = PauseGate()
+        self.pause_latencies_us: dict[str, int] = {}
         if threading.current_thread() is threading.main_thread():
             install_kick_handler()
             signal.signal(STATE_DUMP_SIGNAL, self._on_state_dump_signal)
@@ -114,6 +197,8 @@ class MicroVm:
         self._machine = build_machine(self, resources)
         self.figures.build_ms = (time.monotonic() - self.figures.instance_start_monotonic) * 1e3
         self._register_metrics(self._machine)
+        for thread in self._machine.vcpu_threads:
+            thread.vcpu = _GatedVcpu(thread.vcpu, self._pause_gate)  # type: ignore[assignment]
         self._machine.start()
         self.metrics.flush()
         self._machine.event_loop.add_periodic(FLUSH_INTERVAL_S, self.metrics.flush)
@@ -131,6 +216,45 @@ class MicroVm:
 
     def flush_metrics(self) -> None:
         self.metrics.flush()
+
+    def configure_metrics(self, path: str) -> None:
+        """Direct metrics lines to `path` (PUT /metrics); raise ValueError if it cannot open."""
+        self.metrics.open(path)
+
+    def pause(self) -> None:
+        """Stop every vCPU outside KVM_RUN; raise StartError if one does not stop in time."""
+        machine = self._running_machine()
+        began = time.monotonic()
+        self._pause_gate.close()
+        for thread in machine.vcpu_threads:
+            _kick(thread)
+        if not self._pause_gate.wait_parked(len(machine.vcpu_threads), PAUSE_TIMEOUT_S):
+            self._resume_threads(machine)
+            raise StartError(
+                f"pausing failed: not every vCPU left KVM_RUN within {PAUSE_TIMEOUT_S} s, "
+                "or the microVM is stopping; the microVM keeps running"
+            )
+        self.pause_latencies_us["vmm_pause_vm"] = int((time.monotonic() - began) * 1e6)
+        log.info("paused %d vCPUs", len(machine.vcpu_threads))
+
+    def resume(self) -> None:
+        """Let the vCPUs held by pause() enter KVM_RUN again."""
+        machine = self._running_machine()
+        began = time.monotonic()
+        self._resume_threads(machine)
+        self.pause_latencies_us["vmm_resume_vm"] = int((time.monotonic() - began) * 1e6)
+        log.info("resumed %d vCPUs", len(machine.vcpu_threads))
+
+    def _resume_threads(self, machine: Machine) -> None:
+        if not self._stop.event.is_set():
+            for thread in machine.vcpu_threads:
+                thread.vcpu.request_immediate_exit(False)
+        self._pause_gate.open()
+
+    def _running_machine(self) -> Machine:
+        if self._machine is None or self._stop.event.is_set():
+            raise StartError("the microVM is not running")
+        return self._machine
 
     def _running_balloon(self) -> Balloon:
         if self._machine is None or self._machine.balloon is None:
@@ -213,6 +337,7 @@ class MicroVm:
         if self._machine is not None:
             for thread in self._machine.vcpu_threads:
                 thread.stop()
+        self._pause_gate.release()
         self._stop.event.set()
 
     def _check_supported(self, resources: VmResources) -> None:
@@ -246,6 +371,8 @@ class MicroVm:
                 },
             )
         self.metrics.register("uart", machine.console.metrics)
+        self.metrics.register("i8042", lambda: {"reset_count": machine.i8042.reset_count})
+        self.metrics.register("latencies_us", lambda: dict(self.pause_latencies_us))
         self._register_device_metrics(machine)
 
     def _register_device_metrics(self, machine: Machine) -> None:
@@ -254,6 +381,9 @@ class MicroVm:
         ):
             if device is not None:
                 self.metrics.register(group, _counters_of(device))
+        for drive_id, block in machine.blocks.items():
+            self.metrics.register("block", _block_counters(block))
+            self.metrics.register(f"block_{drive_id}", _block_counters(block))
         for iface_id, net in machine.nets.items():
             self.metrics.register("net", net.metrics_snapshot)
             self.metrics.register(f"net_{iface_id}", net.metrics_snapshot)
@@ -291,6 +421,35 @@ class MicroVm:
             fallbacks,
         )
 
+
+
+def _kick(thread: VcpuThread) -> None:
+    """Make a vCPU thread's KVM_RUN return now, or at once if it is about to enter it."""
+    thread.vcpu.request_immediate_exit(True)
+    ident = thread._thread.ident  # noqa: SLF001 - VcpuThread exposes no thread id
+    if ident is not None and thread._thread.is_alive():  # noqa: SLF001
+        try:
+            signal.pthread_kill(ident, KICK_SIGNAL)
+        except ProcessLookupError:
+            pass
+
+
+def _block_counters(block: object) -> Provider:
+    """Return a provider mapping a block device's counters to Firecracker's field names."""
+
+    def provider() -> dict[str, int | float]:
+        counters = block.metrics  # type: ignore[attr-defined]
+        return {
+            "read_bytes": counters.read_bytes,
+            "read_count": counters.read_count,
+            "write_bytes": counters.write_bytes,
+            "write_count": counters.write_count,
+            "flush_count": counters.flush_count,
+            "execute_fails": counters.io_errors,
+            "invalid_reqs_count": counters.invalid_requests + counters.unsupported_requests,
+        }
+
+    return provider
 
 
 def _counters_of(device: object) -> Provider:
