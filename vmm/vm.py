@@ -173,6 +173,7 @@ class MicroVm:
         self.figures = BootFigures()
         self._stop = _StopState()
         self._machine: Machine | None = None
+        self._init_death_reported = False
         self._pause_gate = PauseGate()
         self.pause_latencies_us: dict[str, int] = {}
         if threading.current_thread() is threading.main_thread():
@@ -307,7 +308,10 @@ class MicroVm:
         return None
 
     def on_console_output(self, data: bytes, tail: bytes) -> None:
-        if self.host_kind is HostKind.EMULATING and INIT_DIED_MARKER in tail:
+        if self._init_death_reported or self.host_kind is not HostKind.EMULATING:
+            return
+        if INIT_DIED_MARKER in tail:
+            self._init_death_reported = True
             log.error(
                 "the guest's init died: on this host (KVM emulating guest supervisor code, "
                 "no VMX/SVM) guest user space cannot run, so the first system call of "
