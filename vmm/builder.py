@@ -8,6 +8,7 @@ CPUID before its MSRs and registers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -168,52 +169,82 @@ def build_machine(owner: MicroVm, resources: VmResources) -> Machine:
 
 
 def _build(owner: MicroVm, resources: VmResources) -> Machine:
-    machine_config = resources.machine_config
-    kvm = Kvm()
-    vm = kvm.create_vm()
-    vm.set_tss_address(KVM_TSS_ADDRESS)
-    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
-    vm.create_irqchip()
-    vm.create_pit2(KVM_PIT_SPEAKER_DUMMY)
+    machine = _create_machine(owner, resources)
+    try:
+        _attach_devices(machine, owner, resources)
+        machine.cmdline = _compose_cmdline(
+            owner.default_boot_args(resources), resources, machine
+        )
+        entry = _write_boot_structures(machine, resources)
+        _create_vcpus(owner, machine, resources, entry)
+        machine.console.attach(machine.serial, machine.event_loop)
+    except BaseException:
+        # A failed InstanceStart leaves no fd, socket file or mapping behind.
+        machine.close()
+        raise
+    if machine.boot_timer is not None:
+        machine.boot_timer.start_clock()
+    log.info("kernel command line: %s", machine.cmdline)
+    return machine
 
-    memory = GuestMemory(layout.guest_ram_ranges(machine_config.mem_size_mib << 20))
-    for slot, region in enumerate(memory.regions):
-        vm.set_user_memory_region(slot, region.guest_base, region.size, region.host_address)
 
-    event_loop = EventLoop(name="fc_vmm")
-    console = Console(owner.console_input, owner.console_output, owner.on_console_output)
-    pio_bus, mmio_bus = Bus("pio"), Bus("mmio")
-    eventfds: list[int] = []
+def _create_machine(owner: MicroVm, resources: VmResources) -> Machine:
+    """Create the KVM VM, guest memory and the legacy devices every microVM has."""
+    with contextlib.ExitStack() as cleanup:
+        kvm = Kvm()
+        cleanup.callback(kvm.close)
+        vm = kvm.create_vm()
+        cleanup.callback(vm.close)
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        vm.create_irqchip()
+        vm.create_pit2(KVM_PIT_SPEAKER_DUMMY)
 
-    def irq_trigger(gsi: int):
-        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        eventfds.append(fd)
-        vm.irqfd(fd, gsi)
-        return lambda: os.eventfd_write(fd, 1)
+        mem_size = resources.machine_config.mem_size_mib << 20
+        memory = GuestMemory(layout.guest_ram_ranges(mem_size))
+        cleanup.callback(memory.close)
+        for slot, region in enumerate(memory.regions):
+            vm.set_user_memory_region(
+                slot, region.guest_base, region.size, region.host_address
+            )
 
-    serial = Serial(irq_trigger(layout.SERIAL_COM1_IRQ), console.write_output)
-    pio_bus.insert(serial, layout.SERIAL_COM1_PORT, layout.SERIAL_PORT_COUNT)
-    i8042 = I8042(irq_trigger(layout.I8042_IRQ), owner.on_guest_reset)
-    pio_bus.insert(i8042, layout.I8042_DATA_PORT, 5)
-    boot_timer = None
-    if owner.boot_timer_enabled:
-        boot_timer = BootTimer()
-        mmio_bus.insert(boot_timer, layout.BOOT_TIMER_ADDRESS, layout.BOOT_TIMER_SIZE)
+        event_loop = EventLoop(name="fc_vmm")
+        cleanup.callback(event_loop.close)
+        console = Console(owner.console_input, owner.console_output, owner.on_console_output)
+        eventfds: list[int] = []
+        cleanup.callback(_close_fds, eventfds)
+        pio_bus, mmio_bus = Bus("pio"), Bus("mmio")
+        serial = Serial(_irq_trigger(vm, eventfds, layout.SERIAL_COM1_IRQ), console.write_output)
+        pio_bus.insert(serial, layout.SERIAL_COM1_PORT, layout.SERIAL_PORT_COUNT)
+        i8042 = I8042(_irq_trigger(vm, eventfds, layout.I8042_IRQ), owner.on_guest_reset)
+        pio_bus.insert(i8042, layout.I8042_DATA_PORT, 5)
+        boot_timer = None
+        if owner.boot_timer_enabled:
+            boot_timer = BootTimer()
+            mmio_bus.insert(boot_timer, layout.BOOT_TIMER_ADDRESS, layout.BOOT_TIMER_SIZE)
 
-    machine = Machine(
-        kvm=kvm,
-        vm=vm,
-        memory=memory,
-        event_loop=event_loop,
-        console=console,
-        serial=serial,
-        i8042=i8042,
-        pio_bus=pio_bus,
-        mmio_bus=mmio_bus,
-        fallback=owner.fallback_for(memory),
-        boot_timer=boot_timer,
-        eventfds=eventfds,
-    )
+        machine = Machine(
+            kvm=kvm,
+            vm=vm,
+            memory=memory,
+            event_loop=event_loop,
+            console=console,
+            serial=serial,
+            i8042=i8042,
+            pio_bus=pio_bus,
+            mmio_bus=mmio_bus,
+            fallback=owner.fallback_for(memory),
+            boot_timer=boot_timer,
+            eventfds=eventfds,
+        )
+        cleanup.pop_all()
+    return machine
+
+
+def _attach_devices(machine: Machine, owner: MicroVm, resources: VmResources) -> None:
+    def irq_trigger(gsi: int) -> Callable[[], None]:
+        return _irq_trigger(machine.vm, machine.eventfds, gsi)
+
     for drive in resources.drives:
         _attach_drive(machine, drive, irq_trigger)
     _attach_entropy_balloon_vsock(machine, resources, irq_trigger)
@@ -221,14 +252,21 @@ def _build(owner: MicroVm, resources: VmResources) -> Machine:
     for iface in resources.network_interfaces:
         _attach_net(machine, iface, resources, mmds_service, irq_trigger)
 
-    machine.cmdline = _compose_cmdline(owner.default_boot_args(resources), resources, machine)
-    entry = _write_boot_structures(machine, resources)
-    _create_vcpus(owner, machine, resources, entry)
-    console.attach(serial, event_loop)
-    if boot_timer is not None:
-        boot_timer.start_clock()
-    log.info("kernel command line: %s", machine.cmdline)
-    return machine
+
+def _irq_trigger(vm: Vm, eventfds: list[int], gsi: int) -> Callable[[], None]:
+    """Return a callable that raises `gsi` in the guest through a new irqfd."""
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    eventfds.append(fd)
+    vm.irqfd(fd, gsi)
+    return lambda: os.eventfd_write(fd, 1)
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _open_drive_file(path: str, read_only: bool) -> int:

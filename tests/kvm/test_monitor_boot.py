@@ -6,6 +6,7 @@ monitor must show the line on its console and exit 0.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -63,5 +64,37 @@ def test_missing_kernel_is_400_naming_path(tmp_path: Path) -> None:
         assert status == 400
         assert missing in body["fault_message"]
         assert monitor.api.get("/")[0] == 200
+    finally:
+        monitor.terminate()
+
+
+def test_failed_start_releases_everything(tmp_path: Path) -> None:
+    """InstanceStart that fails late (a kernel that is not ELF) leaves no fd or socket behind.
+
+    The kernel is loaded after every device is created, so the failure has to undo all
+    of them.
+    """
+    kernel = tmp_path / "not-a-kernel"
+    kernel.write_bytes(b"garbage" * 100)
+    drive = tmp_path / "disk.img"
+    drive.write_bytes(bytes(1 << 20))
+    vsock_path = tmp_path / "v.sock"
+    monitor = Monitor(tmp_path)
+    try:
+        monitor.wait_for_api()
+        api = monitor.api
+        assert api.put("/boot-source", {"kernel_image_path": str(kernel)})[0] == 204
+        body = {"drive_id": "d", "path_on_host": str(drive), "is_root_device": False}
+        assert api.put("/drives/d", body)[0] == 204
+        assert api.put("/vsock", {"guest_cid": 3, "uds_path": str(vsock_path)})[0] == 204
+        fds_before = len(os.listdir(f"/proc/{monitor.process.pid}/fd"))
+
+        status, body = api.put("/actions", {"action_type": "InstanceStart"})
+
+        assert status == 400
+        assert str(kernel) in body["fault_message"]
+        assert not vsock_path.exists()
+        assert len(os.listdir(f"/proc/{monitor.process.pid}/fd")) == fds_before
+        assert api.get("/")[0] == 200
     finally:
         monitor.terminate()
