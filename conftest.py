@@ -72,3 +72,32 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
             terminalreporter.write_line(f"    {name}: {value}")
     FIGURES_PATH.parent.mkdir(exist_ok=True)
     FIGURES_PATH.write_text(json.dumps(_recorded_figures, indent=2) + "\n")
+
+
+# Hypothesis profiles for the fuzz suite: `quick` is the default (the whole tests/fuzz
+# directory in under 3 minutes on 2 cores); `deep` runs thousands of examples per test
+# (`pytest tests/fuzz --hypothesis-profile=deep`).
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "quick", max_examples=100, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "deep", max_examples=5000, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("quick")
+
+# Hypothesis imports libcst (through hypothesis.extra._patching) only when it reports a
+# failing example, and libcst's import raises a DeprecationWarning from mypy_extensions that
+# the warnings-as-errors setting turns into an INTERNALERROR hiding the failure. Importing
+# it here, with that warning ignored, keeps failure reports readable.
+import warnings  # noqa: E402
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    try:
+        import hypothesis.extra._patching  # noqa: F401
+    except ImportError:
+        pass
