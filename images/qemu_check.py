@@ -44,7 +44,7 @@ EXPECTED_BOOT_LINES: Final = (
 # NOTE: on a heavily loaded host, the guest's TSC calibration against QEMU's emulated PIT
 # failed once ("tsc: Unable to calibrate against PIT") and the boot stopped there until
 # the timeout. A second run on a quieter host passed; the cause was not found.
-BOOT_TIMEOUT_SECONDS: Final = 600.0
+BOOT_TIMEOUT_SECONDS: Final = 180.0
 COMMAND_TIMEOUT_SECONDS: Final = 60.0
 SHELL_PROMPT: Final = r"microvm:[^\r\n]*# "
 # With -nographic, Ctrl-A c switches stdio between the serial port and the QEMU monitor.
