@@ -217,12 +217,43 @@ def _drain_before_close(sock: socket.socket) -> None:
 
 
 def _next_event(sock: socket.socket, conn: h11.Connection) -> object:
+    pending = b""
     while True:
         event = conn.next_event()
         if event is not h11.NEED_DATA:
             return event
         data = sock.recv(_RECV_SIZE)
-        conn.receive_data(data)
+        if conn.their_state is not h11.IDLE or not data or conn.trailing_data[0]:
+            conn.receive_data(pending + data)
+            pending = b""
+            continue
+        # A new request starts and h11 holds none of it yet: keep its bytes until the
+        # header block is complete, so that a missing Host header can be added first.
+        pending += data
+        if b"\r\n\r\n" in pending or len(pending) > _MAX_HEADER_SIZE:
+            conn.receive_data(_add_default_host(pending))
+            pending = b""
+
+
+def _add_default_host(data: bytes) -> bytes:
+    """Add `Host: localhost` to an HTTP/1.1 header block at the start of `data` that has none.
+
+    h11 rejects HTTP/1.1 requests without Host (RFC 9112, section 3.2), but Firecracker's
+    server accepts them, and clients written against it may omit the header on a Unix
+    socket. Only the first request in `data` is changed; a later pipelined request
+    without Host is still rejected with 400.
+    """
+    head, separator, rest = data.partition(b"\r\n\r\n")
+    if not separator:
+        return data
+    request_line, _, headers = head.partition(b"\r\n")
+    if not request_line.endswith(b" HTTP/1.1"):
+        return data
+    for line in headers.split(b"\r\n"):
+        if line[:5].lower() == b"host:":
+            return data
+    head = request_line + b"\r\nHost: localhost" + (b"\r\n" + headers if headers else b"")
+    return head + separator + rest
 
 
 def _content_length(request: h11.Request) -> int | None:
