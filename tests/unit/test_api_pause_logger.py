@@ -5,13 +5,32 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.unit.test_api_support import FakeRuntime
 from vmm import logger as vmm_logger
 from vmm.controller import Controller
 from vmm.resources import VmResources
 from vmm.vm import PauseGate
+
+
+@pytest.fixture(autouse=True)
+def restore_vmm_logger() -> Iterator[None]:
+    """Put back the "vmm" logger's handlers, level and propagation after each test."""
+    logger = logging.getLogger(vmm_logger.LOGGER_NAME)
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        if handler not in saved[0]:
+            handler.close()
+    for handler in saved[0]:
+        logger.addHandler(handler)
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
 
 
 def start_holders(gate: PauseGate, count: int, passed: list[int]) -> list[threading.Thread]:
@@ -75,63 +94,51 @@ def test_put_logger_switches_file_then_fifo(tmp_path: Path) -> None:
     fifo = tmp_path / "log.fifo"
     os.mkfifo(fifo)
     log = logging.getLogger("vmm.test")
+    assert put_logger(controller, f'{{"log_path": "{first}", "level": "Info"}}')[0] == 204
+    log.info("to the file")
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        assert put_logger(controller, f'{{"log_path": "{first}", "level": "Info"}}')[0] == 204
-        log.info("to the file")
-        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-        try:
-            body = f'{{"log_path": "{fifo}", "level": "Debug", "show_level": true}}'
-            assert put_logger(controller, body)[0] == 204
-            log.debug("to the pipe")
-            piped = os.read(reader, 65536).decode()
-        finally:
-            os.close(reader)
-        assert "to the file" in first.read_text()
-        assert "to the pipe" not in first.read_text()
-        assert ":DEBUG] to the pipe" in piped
+        body = f'{{"log_path": "{fifo}", "level": "Debug", "show_level": true}}'
+        assert put_logger(controller, body)[0] == 204
+        log.debug("to the pipe")
+        piped = os.read(reader, 65536).decode()
     finally:
-        vmm_logger.configure("log-vm", level="Info")
+        os.close(reader)
+    assert "to the file" in first.read_text()
+    assert "to the pipe" not in first.read_text()
+    assert ":DEBUG] to the pipe" in piped
 
 
 def test_put_logger_bad_path_keeps_destination(tmp_path: Path) -> None:
     controller = Controller(VmResources(), FakeRuntime(), instance_id="log-vm")
     good = tmp_path / "good.log"
-    try:
-        assert put_logger(controller, f'{{"log_path": "{good}"}}')[0] == 204
-        status, body = put_logger(controller, f'{{"log_path": "{tmp_path}/no/such.log"}}')
-        assert status == 400
-        assert body is not None and "no/such.log" in body["fault_message"]
-        logging.getLogger("vmm.test").info("still here")
-        assert "still here" in good.read_text()
-    finally:
-        vmm_logger.configure("log-vm", level="Info")
+    assert put_logger(controller, f'{{"log_path": "{good}"}}')[0] == 204
+    status, body = put_logger(controller, f'{{"log_path": "{tmp_path}/no/such.log"}}')
+    assert status == 400
+    assert body is not None and "no/such.log" in body["fault_message"]
+    logging.getLogger("vmm.test").info("still here")
+    assert "still here" in good.read_text()
 
 
 def test_full_log_fifo_drops_lines_and_counts_them(tmp_path: Path) -> None:
     fifo = tmp_path / "log.fifo"
     os.mkfifo(fifo)
     before = vmm_logger.dropped_line_count()
-    try:
-        output = vmm_logger.configure("log-vm", level="Info", log_path=str(fifo))
-        log = logging.getLogger("vmm.test")
-        for index in range(20000):
-            log.info("line %d %s", index, "x" * 64)
-            if output.dropped_lines:
-                break
-        assert output.dropped_lines >= 1
-        assert vmm_logger.dropped_line_count() > before
-    finally:
-        vmm_logger.configure("log-vm", level="Info")
+    output = vmm_logger.configure("log-vm", level="Info", log_path=str(fifo))
+    log = logging.getLogger("vmm.test")
+    for index in range(20000):
+        log.info("line %d %s", index, "x" * 64)
+        if output.dropped_lines:
+            break
+    assert output.dropped_lines >= 1
+    assert vmm_logger.dropped_line_count() > before
 
 
 def test_rate_limited_logger_suppresses_repeats(tmp_path: Path) -> None:
     path = tmp_path / "rate.log"
-    try:
-        vmm_logger.configure("log-vm", level="Info", log_path=str(path))
-        limited = vmm_logger.RateLimitedLogger(logging.getLogger("vmm.guest"), burst=3,
-                                               interval_s=60)
-        logged = [limited.warning("bad descriptor %d", index) for index in range(10)]
-        assert logged == [True] * 3 + [False] * 7
-        assert path.read_text().count("bad descriptor") == 3
-    finally:
-        vmm_logger.configure("log-vm", level="Info")
+    vmm_logger.configure("log-vm", level="Info", log_path=str(path))
+    limited = vmm_logger.RateLimitedLogger(logging.getLogger("vmm.guest"), burst=3,
+                                           interval_s=60)
+    logged = [limited.warning("bad descriptor %d", index) for index in range(10)]
+    assert logged == [True] * 3 + [False] * 7
+    assert path.read_text().count("bad descriptor") == 3
