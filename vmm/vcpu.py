@@ -94,21 +94,29 @@ class VcpuThread:
     def stop(self) -> None:
         """Ask the thread to leave KVM_RUN and end; returns without waiting."""
         self._stop_requested = True
-        self.vcpu.request_immediate_exit(True)
-        ident = self._thread.ident
-        if ident is not None and self._thread.is_alive():
-            try:
-                signal.pthread_kill(ident, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass
+        self.kick()
 
     def request_state_dump(self) -> None:
         """Log this vCPU's registers at its next exit; the guest then carries on."""
         self._dump_requested = True
+        self.kick()
+
+    def kick(self) -> None:
+        """Make KVM_RUN return now, or at once if the thread is about to enter it.
+
+        immediate_exit stays set: the code that asked for the kick clears it before the
+        guest may run again (state dumps and resume do; a stopping vCPU never runs again).
+        """
         self.vcpu.request_immediate_exit(True)
         ident = self._thread.ident
-        if ident is not None and self._thread.is_alive():
+        if ident is None or not self._thread.is_alive():
+            return
+        if ident == threading.get_ident():
+            return
+        try:
             signal.pthread_kill(ident, KICK_SIGNAL)
+        except ProcessLookupError:
+            pass
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread.is_alive() and self._thread is not threading.current_thread():

@@ -228,7 +228,7 @@ class MicroVm:
         began = time.monotonic()
         self._pause_gate.close()
         for thread in machine.vcpu_threads:
-            _kick(thread)
+            thread.kick()
         if not self._pause_gate.wait_parked(len(machine.vcpu_threads), PAUSE_TIMEOUT_S):
             self._resume_threads(machine)
             raise StartError(
@@ -425,17 +425,6 @@ class MicroVm:
             fallbacks,
         )
 
-
-
-def _kick(thread: VcpuThread) -> None:
-    """Make a vCPU thread's KVM_RUN return now, or at once if it is about to enter it."""
-    thread.vcpu.request_immediate_exit(True)
-    ident = thread._thread.ident  # noqa: SLF001 - VcpuThread exposes no thread id
-    if ident is not None and thread._thread.is_alive():  # noqa: SLF001
-        try:
-            signal.pthread_kill(ident, KICK_SIGNAL)
-        except ProcessLookupError:
-            pass
 
 
 def _block_counters(block: object) -> Provider:
