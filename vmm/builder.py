@@ -126,6 +126,19 @@ class Machine:
             if slot.transport.device is block and block.is_activated:
                 slot.transport.interrupt.signal_config_change()
 
+    def update_drive_rate_limiter(self, drive_id: str, config: dict[str, Any]) -> None:
+        """Apply the rate limiter of PATCH /drives to a running drive, creating it if absent."""
+        block = self.blocks.get(drive_id)
+        if block is None:
+            raise StartError(f"drive {drive_id!r} is not attached to the running microVM")
+        if block.update_rate_limiter(config):
+            return
+        transport = next(
+            slot.transport for slot in self.virtio_slots if slot.transport.device is block
+        )
+        with block.lock:
+            block.rate_limiter = _block_rate_limiter(self, block, transport, config)
+
     def update_net_rate_limiters(self, iface_id: str, body: dict[str, Any]) -> None:
         """Apply the rate limiters of PATCH /network-interfaces to a running interface."""
         net = self.nets.get(iface_id)
@@ -285,6 +298,7 @@ def _attach_drive(machine: Machine, drive: Drive, irq_trigger) -> None:
     block = Block(drive.drive_id, FileBackend(fd), drive.is_read_only, drive.cache_type)
     trigger = irq_trigger(irq)
     transport = MmioTransport(block, machine.memory, trigger)
+    block.rate_limiter = _block_rate_limiter(machine, block, transport, drive.rate_limiter)
     machine.mmio_bus.insert(transport, base, layout.VIRTIO_MMIO_SIZE)
     slot = VirtioSlot(transport, base, irq, machine.eventfds[-1])
     for queue_index in range(len(block.queue_max_sizes)):
@@ -297,6 +311,23 @@ def _attach_drive(machine: Machine, drive: Drive, irq_trigger) -> None:
         slot.ioeventfds.append(fd_notify)
     machine.virtio_slots.append(slot)
     machine.blocks[drive.drive_id] = block
+
+
+def _block_rate_limiter(
+    machine: Machine, block: Block, transport: MmioTransport, config: dict[str, Any] | None
+) -> RateLimiter | None:
+    """Build a drive's limiter whose timerfd restarts the request queue; None if unlimited."""
+    limiter = RateLimiter.from_config(config)
+    if limiter is None:
+        return None
+    machine.closers.append(limiter.close)
+
+    def on_rate_limiter_timer() -> None:
+        if block.on_rate_limiter_timer():
+            transport.notify(0)
+
+    machine.event_loop.add_reader(limiter.timer_fd, on_rate_limiter_timer)
+    return limiter
 
 
 def _queue_notifier(fd: int, transport: MmioTransport, queue_index: int):

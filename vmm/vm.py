@@ -215,6 +215,15 @@ class MicroVm:
             return
         self._machine.replace_drive_file(drive_id, path_on_host)
 
+    def update_drive_rate_limiter(self, drive_id: str, config: dict) -> None:
+        """Apply PATCH /drives `rate_limiter` to a running drive.
+
+        Before boot there is nothing to do: InstanceStart builds the stored limiter.
+        """
+        if self._machine is None:
+            return
+        self._machine.update_drive_rate_limiter(drive_id, config)
+
     def flush_metrics(self) -> None:
         self.metrics.flush()
 
@@ -440,6 +449,8 @@ def _block_counters(block: object) -> Provider:
             "flush_count": counters.flush_count,
             "execute_fails": counters.io_errors,
             "invalid_reqs_count": counters.invalid_requests + counters.unsupported_requests,
+            "rate_limiter_throttled_events": counters.rate_limiter_throttled_events,
+            "rate_limiter_event_count": counters.rate_limiter_event_count,
         }
 
     return provider

@@ -6,6 +6,12 @@ it writes the data for T_IN or T_GET_ID, then one status byte. The header and
 data may be split across descriptors in any way (2.6.4), so the model reads
 the device-readable buffers and fills the device-writable buffers as two
 byte streams.
+
+An optional rate limiter (Firecracker's drive `rate_limiter`) charges one op
+per request and, for T_IN and T_OUT, one byte token per data byte. A request
+the limiter refuses stays in the available ring: the device rewinds its
+position and the limiter's timer restarts the queue (see vmm/rate_limiter.py
+for requests larger than the bucket).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import logging
 import os
 import struct
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from vmm.devices.virtio.device import (
     VIRTIO_RING_F_EVENT_IDX,
@@ -23,6 +29,7 @@ from vmm.devices.virtio.device import (
 )
 from vmm.devices.virtio.queue import Descriptor, DescriptorChain
 from vmm.memory import GuestMemory
+from vmm.rate_limiter import RateLimiter, TokenKind
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +127,8 @@ class BlockMetrics:
     io_errors: int = 0
     unsupported_requests: int = 0
     invalid_requests: int = 0
+    rate_limiter_throttled_events: int = 0
+    rate_limiter_event_count: int = 0
 
 
 class InvalidRequest(Exception):
@@ -163,7 +172,9 @@ class Block(VirtioDevice):
 
     Read-only drives offer VIRTIO_BLK_F_RO and complete writes with IOERR.
     "Writeback" drives offer VIRTIO_BLK_F_FLUSH and flush the back end on
-    T_FLUSH, "Unsafe" drives treat T_FLUSH as done at once.
+    T_FLUSH, "Unsafe" drives treat T_FLUSH as done at once. With a
+    `rate_limiter`, the monitor calls `on_rate_limiter_timer` when the limiter's
+    timerfd fires and processes the queue again when it returns True.
     """
 
     device_type = VIRTIO_ID_BLOCK
@@ -175,6 +186,7 @@ class Block(VirtioDevice):
         backend: BlockBackend,
         read_only: bool = False,
         cache_type: str = CACHE_UNSAFE,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         super().__init__()
         if cache_type not in CACHE_TYPES:
@@ -183,6 +195,7 @@ class Block(VirtioDevice):
         self.backend = backend
         self.read_only = read_only
         self.cache_type = cache_type
+        self.rate_limiter = rate_limiter
         self.metrics = BlockMetrics()
         self.avail_features |= feature_bit(VIRTIO_RING_F_EVENT_IDX)
         if read_only:
@@ -192,7 +205,10 @@ class Block(VirtioDevice):
         self.update_capacity()
 
     def __repr__(self) -> str:
-        return f"Block(drive_id={self.drive_id!r}, read_only={self.read_only})"
+        return (
+            f"Block(drive_id={self.drive_id!r}, read_only={self.read_only}, "
+            f"rate_limiter={self.rate_limiter!r})"
+        )
 
     @property
     def capacity_sectors(self) -> int:
@@ -215,12 +231,72 @@ class Block(VirtioDevice):
                 self.interrupt.signal_config_change()
 
     def process_queue(self, index: int) -> None:
-        """Serve every available request on the request queue, then interrupt once."""
+        """Serve available requests until the queue is empty or the limiter refuses one.
+
+        Interrupts once if anything was served.
+        """
         with self.lock:
             queue = self.queues[index]
-            while (chain := queue.pop()) is not None:
+            served = False
+            while True:
+                next_avail = queue.next_avail
+                chain = queue.pop()
+                if chain is None:
+                    break
+                if not self._admit(chain):
+                    # Leave the request in the ring; the limiter's timer restarts the queue.
+                    queue.next_avail = next_avail
+                    break
                 queue.add_used(chain.head_index, self._serve(chain))
-            self.signal_used_queue(queue)
+                served = True
+            if served:
+                self.signal_used_queue(queue)
+
+    def on_rate_limiter_timer(self) -> bool:
+        """Acknowledge the limiter's timerfd; return True when the queue should be processed."""
+        with self.lock:
+            if self.rate_limiter is None or not self.rate_limiter.on_timer():
+                return False
+            self.metrics.rate_limiter_event_count += 1
+            return self.is_activated
+
+    def update_rate_limiter(self, config: dict[str, Any]) -> bool:
+        """Apply a PATCH `rate_limiter` body to the existing limiter.
+
+        Return False when the drive has no limiter, so that the caller creates one
+        (it owns the timerfd's registration with the event loop).
+        """
+        with self.lock:
+            if self.rate_limiter is None:
+                return False
+            self.rate_limiter.update(config)
+            return True
+
+    def _admit(self, chain: DescriptorChain) -> bool:
+        """Take one op and the request's data bytes from the rate limiter, or nothing."""
+        limiter = self.rate_limiter
+        if limiter is None:
+            return True
+        if not limiter.consume(1, TokenKind.OPS):
+            self.metrics.rate_limiter_throttled_events += 1
+            return False
+        if not limiter.consume(self._data_length(chain), TokenKind.BYTES):
+            limiter.replenish(1, TokenKind.OPS)
+            self.metrics.rate_limiter_throttled_events += 1
+            return False
+        return True
+
+    def _data_length(self, chain: DescriptorChain) -> int:
+        """Return the data bytes a T_IN or T_OUT request moves; 0 for other or invalid ones."""
+        try:
+            request_type = self._read_header(self._memory(), chain)[0]
+        except InvalidRequest:
+            return 0
+        if request_type == VIRTIO_BLK_T_IN:
+            return max(0, sum(d.length for d in chain.writable) - STATUS_SIZE)
+        if request_type == VIRTIO_BLK_T_OUT:
+            return max(0, sum(d.length for d in chain.readable) - REQUEST_HEADER.size)
+        return 0
 
     def _serve(self, chain: DescriptorChain) -> int:
         """Carry out one request and return the number of bytes written to the driver."""
