@@ -1,7 +1,7 @@
 """virtio-blk with a drive `rate_limiter`: requests wait in the ring and resume on the timer.
 
 The block device charges one op per request and one byte token per data byte of
-T_IN and T_OUT. A refused request stays in the available ring, so the driver's
+T_IN and T_OUT. A rejected request stays in the available ring, so the driver's
 view does not change until the limiter's timerfd fires and the queue is served
 again.
 """
@@ -37,7 +37,7 @@ NO_REFILL_MS = 600_000
 
 
 class FakeClock:
-    """Monotonic nanoseconds that move only when the test says so."""
+    """Monotonic nanoseconds that move only when the test sets them."""
 
     def __init__(self) -> None:
         self.now = 0
@@ -100,9 +100,7 @@ def disk_fd() -> Iterator[int]:
         yield disk.fileno()
 
 
-def test_bandwidth_limit_leaves_request_in_ring_until_timer(
-    memory: GuestMemory, disk_fd: int
-) -> None:
+def test_limited_read_waits_in_ring(memory: GuestMemory, disk_fd: int) -> None:
     limiter = RateLimiter(bandwidth=TokenBucket(SECTOR_SIZE, 20))
     disk = LimitedDisk(memory, disk_fd, limiter)
     try:
@@ -129,7 +127,7 @@ def test_bandwidth_limit_leaves_request_in_ring_until_timer(
         limiter.close()
 
 
-def test_timer_before_it_fires_does_not_restart_queue(memory: GuestMemory, disk_fd: int) -> None:
+def test_unfired_timer_keeps_queue_stopped(memory: GuestMemory, disk_fd: int) -> None:
     limiter = RateLimiter(ops=TokenBucket(1, NO_REFILL_MS))
     disk = LimitedDisk(memory, disk_fd, limiter)
     try:
@@ -143,7 +141,7 @@ def test_timer_before_it_fires_does_not_restart_queue(memory: GuestMemory, disk_
         limiter.close()
 
 
-def test_request_larger_than_bucket_passes_when_full(memory: GuestMemory, disk_fd: int) -> None:
+def test_oversized_read_passes_when_full(memory: GuestMemory, disk_fd: int) -> None:
     clock = FakeClock()
     bucket_bytes = SECTOR_SIZE
     limiter = RateLimiter(bandwidth=TokenBucket(bucket_bytes, 100, clock=clock), clock=clock)
@@ -160,7 +158,7 @@ def test_request_larger_than_bucket_passes_when_full(memory: GuestMemory, disk_f
         # The next request waits until the refill has paid the debt and earned 512 tokens:
         # 4096 tokens at 512 per 100 ms, 800 ms.
         assert limiter.wait_ns(SECTOR_SIZE, TokenKind.BYTES) == 800_000_000
-        # The timerfd runs on the real clock; unblocking here stands in for its expiry.
+        # The timerfd runs on the real clock; unblocking here replaces its expiry.
         clock.now = 799_000_000
         limiter.is_blocked = False
         disk.transport.notify(0)
@@ -173,7 +171,7 @@ def test_request_larger_than_bucket_passes_when_full(memory: GuestMemory, disk_f
         limiter.close()
 
 
-def test_write_is_charged_its_data_bytes(memory: GuestMemory, disk_fd: int) -> None:
+def test_write_costs_data_bytes(memory: GuestMemory, disk_fd: int) -> None:
     clock = FakeClock()
     limiter = RateLimiter(
         bandwidth=TokenBucket(4 * SECTOR_SIZE, NO_REFILL_MS, clock=clock), clock=clock
@@ -190,7 +188,7 @@ def test_write_is_charged_its_data_bytes(memory: GuestMemory, disk_fd: int) -> N
         limiter.close()
 
 
-def test_flush_costs_an_op_but_no_bytes(memory: GuestMemory, disk_fd: int) -> None:
+def test_flush_costs_no_bytes(memory: GuestMemory, disk_fd: int) -> None:
     clock = FakeClock()
     limiter = RateLimiter(
         bandwidth=TokenBucket(SECTOR_SIZE, NO_REFILL_MS, clock=clock),
@@ -210,7 +208,7 @@ def test_flush_costs_an_op_but_no_bytes(memory: GuestMemory, disk_fd: int) -> No
         limiter.close()
 
 
-def test_refused_bytes_give_the_op_back(memory: GuestMemory, disk_fd: int) -> None:
+def test_rejected_bytes_return_op(memory: GuestMemory, disk_fd: int) -> None:
     limiter = RateLimiter(
         bandwidth=TokenBucket(SECTOR_SIZE, NO_REFILL_MS), ops=TokenBucket(5, NO_REFILL_MS)
     )
@@ -222,14 +220,12 @@ def test_refused_bytes_give_the_op_back(memory: GuestMemory, disk_fd: int) -> No
         assert len(disk.queue.used_entries()) == 1
         ops = limiter.buckets[TokenKind.OPS]
         assert ops is not None
-        assert ops.budget == 4, "the refused read kept an op token"
+        assert ops.budget == 4, "the rejected read kept an op token"
     finally:
         limiter.close()
 
 
-def test_update_that_disables_the_limit_resumes_at_once(
-    memory: GuestMemory, disk_fd: int
-) -> None:
+def test_disabling_update_resumes_queue(memory: GuestMemory, disk_fd: int) -> None:
     limiter = RateLimiter(ops=TokenBucket(1, NO_REFILL_MS))
     disk = LimitedDisk(memory, disk_fd, limiter)
     try:
@@ -244,16 +240,14 @@ def test_update_that_disables_the_limit_resumes_at_once(
         limiter.close()
 
 
-def test_update_without_limiter_asks_caller_to_create_one(
-    memory: GuestMemory, disk_fd: int
-) -> None:
+def test_update_without_limiter_returns_false(memory: GuestMemory, disk_fd: int) -> None:
     disk = LimitedDisk(memory, disk_fd, None)
     assert not disk.device.update_rate_limiter({"ops": {"size": 1, "refill_time": 100}})
     assert disk.device.rate_limiter is None
     assert not disk.device.on_rate_limiter_timer()
 
 
-def test_unlimited_drive_serves_every_request(memory: GuestMemory, disk_fd: int) -> None:
+def test_unlimited_drive_serves_all(memory: GuestMemory, disk_fd: int) -> None:
     disk = LimitedDisk(memory, disk_fd, None)
     heads = [disk.add_read(sectors=4)[0] for _ in range(10)]
     disk.transport.notify(0)

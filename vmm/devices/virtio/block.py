@@ -9,7 +9,7 @@ byte streams.
 
 An optional rate limiter (Firecracker's drive `rate_limiter`) charges one op
 per request and, for T_IN and T_OUT, one byte token per data byte. A request
-the limiter refuses stays in the available ring: the device rewinds its
+the limiter rejects stays in the available ring: the device rewinds its
 position and the limiter's timer restarts the queue (see vmm/rate_limiter.py
 for requests larger than the bucket).
 """
@@ -231,7 +231,7 @@ class Block(VirtioDevice):
                 self.interrupt.signal_config_change()
 
     def process_queue(self, index: int) -> None:
-        """Serve available requests until the queue is empty or the limiter refuses one.
+        """Serve available requests until the queue is empty or the limiter rejects one.
 
         Interrupts once if anything was served.
         """
