@@ -226,3 +226,36 @@ def test_curl_configures_monitor(tmp_path: Path, guest_images: dict[str, str]) -
     finally:
         monitor.terminate()
     assert os.path.exists(guest_images["kernel"])
+
+
+def test_send_ctrl_alt_del_resets_guest(
+    guest_images: dict[str, str], tmp_path: Path, figures: dict[str, object]
+) -> None:
+    """SendCtrlAltDel reaches the guest's AT keyboard driver and ends in a reset, exit 0.
+
+    Before init runs, Linux restarts at once on Ctrl-Alt-Del; once busybox init has
+    turned that off, init runs its ctrlaltdel action (reboot). Both end in an i8042
+    reset, so the test holds on either kind of host.
+    """
+    rootfs = tmp_path / "rootfs.ext4"
+    shutil.copyfile(guest_images["rootfs"], rootfs)
+    scratch = tmp_path / "scratch.img"
+    scratch.write_bytes(bytes(SCRATCH_SECTORS * 512))
+    monitor = Monitor(tmp_path)
+    try:
+        monitor.wait_for_api()
+        configure_and_start(monitor, guest_images["kernel"], rootfs, scratch)
+        timeout = (
+            EMULATING_HOST_BOOT_TIMEOUT_S
+            if HOST_KIND is HostKind.EMULATING
+            else HARDWARE_HOST_BOOT_TIMEOUT_S
+        )
+        monitor.expect(r"input: AT Translated Set 2 keyboard", timeout)
+        sent = time.monotonic()
+        status, body = monitor.api.put("/actions", {"action_type": "SendCtrlAltDel"})
+        assert status == 204, body
+        assert monitor.wait_exit(120) == 0
+        figures["ctrl_alt_del_to_exit_s"] = round(time.monotonic() - sent, 2)
+        assert "the guest reset the machine" in monitor.read_log()
+    finally:
+        monitor.terminate()
