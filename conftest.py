@@ -38,8 +38,9 @@ def kvm_unusable_reason() -> str | None:
 
 HOST_KIND = detect_host_kind()
 EMULATING_HOST_REASON = (
-    "this host's KVM emulates guest supervisor code (no VMX/SVM, e.g. kvm_pvm): a guest's "
-    "first system call faults, so Linux user space cannot run in a guest here"
+    "needs hardware virtualisation: this host's KVM emulates guest supervisor code (no "
+    "VMX/SVM, e.g. kvm_pvm), so a guest's first system call faults (no Linux user space) "
+    "and Firecracker's timing budgets do not apply"
 )
 
 
