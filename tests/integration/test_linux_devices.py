@@ -258,7 +258,7 @@ def guest_disk(vm: LinuxVm, drive_id: str) -> str:
 def test_serial_login(linux: LinuxVm, figures: dict[str, object]) -> None:
     figures["instance_start_to_shell_s"] = round(linux.login_s, 3)
     assert linux.shell.check("id -u") == "0"
-    assert linux.shell.check("cat /proc/cmdline").find(IP_ARGUMENT) >= 0
+    assert IP_ARGUMENT in linux.shell.check("cat /proc/cmdline")
 
 
 # SSH -----------------------------------------------------------------------------------------

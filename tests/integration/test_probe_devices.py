@@ -139,8 +139,8 @@ def send_frame(vm: ProbeVm, frame: bytes) -> None:
     assert output == f"sent {len(frame)}", output
 
 
-def receive_frame(vm: ProbeVm, wanted: Callable[[bytes], bool]) -> bytes:
-    """Run `net recv` until a frame for which `wanted` is true arrives; return it.
+def receive_frame(vm: ProbeVm, matches: Callable[[bytes], bool]) -> bytes:
+    """Run `net recv` until a frame for which `matches` is true arrives; return it.
 
     The namespace's kernel may send frames of its own first (IPv6 router solicitations).
     """
@@ -151,7 +151,7 @@ def receive_frame(vm: ProbeVm, wanted: Callable[[bytes], bool]) -> bytes:
             break
         frame = bytes.fromhex("".join(lines[:-1]))
         assert lines[-1] == f"frame {len(frame)} bytes"
-        if wanted(frame):
+        if matches(frame):
             return frame
         skipped.append(frame[:34].hex())
     raise AssertionError(f"the expected frame did not arrive; frames skipped: {skipped}")
@@ -172,7 +172,7 @@ def timed_reads(vm: ProbeVm, device: int, count: int) -> float:
 def refill_lower_bound_s(bucket: dict[str, int], reads: int) -> float:
     """Return the least time in which `reads` 512-byte reads can pass a full bandwidth bucket.
 
-    The last read starts once the bucket holds min(512, size) tokens again, so the refill
+    The last read starts once the bucket contains min(512, size) tokens again, so the refill
     must have paid for every earlier read: (reads - 1) * 512 + min(512, size) - size tokens
     at size tokens per refill_time.
     """
