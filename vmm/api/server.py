@@ -36,6 +36,10 @@ _DRAIN_MAX_BYTES = 1 << 20
 Handler = Callable[[str, str, bytes], tuple[int, "dict | None"]]
 
 
+# sockaddr_un.sun_path size on Linux (sys/un.h), terminating NUL included.
+UNIX_PATH_MAX = 108
+
+
 class ApiServerError(Exception):
     """The API socket cannot be set up; the message names the path and the reason."""
 
@@ -67,11 +71,20 @@ class ApiServer:
         """
         _remove_stale_socket(self.socket_path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # Bind and listen under a temporary name, then rename: a client that sees the
+        # socket file can connect at once, with no window in which it is refused.
+        staging_path = f"{self.socket_path}.{os.getpid()}.tmp"
+        if len(os.fsencode(staging_path)) >= UNIX_PATH_MAX:
+            staging_path = self.socket_path
         try:
-            listener.bind(self.socket_path)
+            listener.bind(staging_path)
             listener.listen(LISTEN_BACKLOG)
+            if staging_path != self.socket_path:
+                os.rename(staging_path, self.socket_path)
         except OSError as error:
             listener.close()
+            if staging_path != self.socket_path and os.path.exists(staging_path):
+                os.unlink(staging_path)
             raise ApiServerError(
                 f"cannot listen on API socket {self.socket_path!r}: {error.strerror}"
             ) from None
