@@ -12,6 +12,8 @@
 #define VSOCK_RECV_DEFAULT_MS 1000
 #define VSOCK_LISTEN_DEFAULT_MS 10000
 #define HEX_BYTES_PER_LINE 32
+/* Destination and source MAC plus EtherType. */
+#define NET_MIN_FLOOD_FRAME 14
 
 static const char help_text[] =
     "echo WORDS...              print WORDS\n"
@@ -22,10 +24,12 @@ static const char help_text[] =
     "blk write N SECTOR TEXT    write TEXT, zero-padded to 512 bytes, to SECTOR\n"
     "blk flush N                flush block device N\n"
     "blk id N                   print the device ID string of block device N\n"
+    "blk bench N COUNT          read COUNT sectors one request at a time; print the time\n"
     "rng COUNT                  print COUNT (1-4096) random bytes as hex\n"
     "net mac N                  print the MAC address of network device N\n"
     "net send N HEXFRAME        send an Ethernet frame given as hex\n"
     "net recv N [MS]            print one received frame as hex, or none (default 1000 ms)\n"
+    "net flood N COUNT LEN      send COUNT broadcast frames of LEN bytes; print the time\n"
     "vsock connect PORT         connect to the host (CID 2) on PORT\n"
     "vsock listen PORT [MS]     accept one connection from the host on PORT\n"
     "vsock send TEXT            send TEXT and a newline on the connection\n"
@@ -130,11 +134,37 @@ static void command_devices(void)
         print_device(i, device_at(i));
 }
 
+/* Read COUNT sectors, one request in flight, cycling through the first 1024 sectors (or the
+ * whole disk if smaller), and print the elapsed time: a request-rate benchmark. */
+static void blk_bench(struct command_line *command, struct virtio_device *device,
+                      uint8_t *sector_data)
+{
+    uint64_t count;
+    if (!number_argument(command, 3, "blk bench", &count))
+        return;
+    uint64_t sectors = blk_capacity(device);
+    uint64_t span = sectors < 1024 ? sectors : 1024;
+    if (span == 0) {
+        kprintf("error: blk bench: the device has no sectors\n");
+        return;
+    }
+    uint64_t start = clock_us();
+    for (uint64_t i = 0; i < count; i++) {
+        int status = blk_request(device, VIRTIO_BLK_T_IN, i % span, sector_data, SECTOR_SIZE);
+        if (status != VIRTIO_BLK_S_OK) {
+            kprintf("error: blk bench: request %lu ended with %s\n", i, blk_status_name(status));
+            return;
+        }
+        clock_us(); /* keep up with the 55 ms counter behind the clock */
+    }
+    kprintf("blk bench %lu requests in %lu us\n", count, clock_us() - start);
+}
+
 static void command_blk(struct command_line *command, const char *original,
                         const char *line_copy)
 {
     static uint8_t sector_data[SECTOR_SIZE];
-    const char *usage = "error: blk: usage: blk read|write|flush|id N ...\n";
+    const char *usage = "error: blk: usage: blk read|write|flush|id|bench N ...\n";
     if (command->count < 3) {
         kprintf("%s", usage);
         return;
@@ -165,6 +195,9 @@ static void command_blk(struct command_line *command, const char *original,
         status = blk_request(device, VIRTIO_BLK_T_OUT, sector, sector_data, SECTOR_SIZE);
     } else if (strcmp(action, "flush") == 0) {
         status = blk_request(device, VIRTIO_BLK_T_FLUSH, 0, NULL, 0);
+    } else if (strcmp(action, "bench") == 0) {
+        blk_bench(command, device, sector_data);
+        return;
     } else if (strcmp(action, "id") == 0) {
         memset(sector_data, 0, VIRTIO_BLK_ID_BYTES + 1);
         status = blk_request(device, VIRTIO_BLK_T_GET_ID, 0, sector_data, VIRTIO_BLK_ID_BYTES);
@@ -218,10 +251,44 @@ static bool parse_hex_frame(const char *hex, uint8_t *frame, uint32_t *length)
     return true;
 }
 
+/* Send COUNT broadcast frames of LEN bytes (EtherType 0x88b5, IEEE local experimental) and
+ * print the elapsed time: a transmit-rate benchmark. */
+static void net_flood(struct command_line *command, struct virtio_device *device, uint8_t *frame)
+{
+    uint64_t count;
+    uint64_t length;
+    if (!number_argument(command, 3, "net flood", &count) ||
+        !number_argument(command, 4, "net flood", &length))
+        return;
+    if (length < NET_MIN_FLOOD_FRAME || length > NET_MAX_FRAME) {
+        kprintf("error: net flood: LEN %lu is outside %d..%d\n", length, NET_MIN_FLOOD_FRAME,
+                NET_MAX_FRAME);
+        return;
+    }
+    memset(frame, 0xff, 6);
+    if (!net_mac(device, frame + 6))
+        memcpy(frame + 6, "\x02\x00\x00\x00\x00\x01", 6);
+    frame[12] = 0x88;
+    frame[13] = 0xb5;
+    for (uint64_t i = 14; i < length; i++)
+        frame[i] = (uint8_t)i;
+    uint64_t start = clock_us();
+    for (uint64_t i = 0; i < count; i++) {
+        if (net_send(device, frame, (uint32_t)length) != 0) {
+            kprintf("error: net flood: frame %lu was not taken in time\n", i);
+            return;
+        }
+        /* Read the clock often enough that its 55 ms counter cannot wrap unseen. */
+        if ((i & 15) == 15)
+            clock_us();
+    }
+    kprintf("net flood %lu frames of %lu bytes in %lu us\n", count, length, clock_us() - start);
+}
+
 static void command_net(struct command_line *command)
 {
     static uint8_t frame[NET_MAX_FRAME];
-    const char *usage = "error: net: usage: net mac|send|recv N ...\n";
+    const char *usage = "error: net: usage: net mac|send|recv|flood N ...\n";
     if (command->count < 3) {
         kprintf("%s", usage);
         return;
@@ -250,6 +317,8 @@ static void command_net(struct command_line *command)
             return;
         }
         kprintf("sent %u\n", length);
+    } else if (strcmp(action, "flood") == 0) {
+        net_flood(command, device, frame);
     } else if (strcmp(action, "recv") == 0) {
         uint64_t timeout = NET_RECV_DEFAULT_MS;
         if (command->count > 3 && !number_argument(command, 3, "net recv", &timeout))
