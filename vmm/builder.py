@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from vmm.arch.x86_64 import layout
 from vmm.arch.x86_64.acpi import write_acpi_tables
 from vmm.arch.x86_64.bootparams import (
+    BootParamsError,
     build_e820,
     rng_seed_entry,
     write_cmdline,
@@ -177,7 +178,8 @@ def build_machine(owner: MicroVm, resources: VmResources) -> Machine:
     """Create and wire the VM; raise StartError with the reason on any failure."""
     try:
         return _build(owner, resources)
-    except (KvmError, GuestMemoryError, KernelLoaderError, OSError, ValueError) as error:
+    except (KvmError, GuestMemoryError, KernelLoaderError, BootParamsError, OSError,
+            ValueError) as error:
         raise StartError(f"cannot build the microVM: {error}") from error
 
 
@@ -214,7 +216,12 @@ def _create_machine(owner: MicroVm, resources: VmResources) -> Machine:
         vm.create_pit2(KVM_PIT_SPEAKER_DUMMY)
 
         mem_size = resources.machine_config.mem_size_mib << 20
-        memory = GuestMemory(layout.guest_ram_ranges(mem_size))
+        try:
+            memory = GuestMemory(layout.guest_ram_ranges(mem_size))
+        except OSError as error:
+            raise StartError(f"machine-config: mem_size_mib: cannot map "
+                             f"{resources.machine_config.mem_size_mib} MiB of guest memory: "
+                             f"{error.strerror}") from error
         cleanup.callback(memory.close)
         for slot, region in enumerate(memory.regions):
             vm.set_user_memory_region(
@@ -371,7 +378,11 @@ def _write_boot_structures(machine: Machine, resources: VmResources) -> int:
     devices = [(slot.base, layout.VIRTIO_MMIO_SIZE, slot.irq) for slot in machine.virtio_slots]
     write_mptable(memory, vcpu_count)
     rsdp_address = write_acpi_tables(memory, vcpu_count, devices)
-    write_cmdline(memory, machine.cmdline)
+    try:
+        write_cmdline(memory, machine.cmdline)
+    except BootParamsError as error:
+        raise BootParamsError(f"boot-source: boot_args with the monitor's additions: {error}"
+                              ) from error
     setup_data_address = write_setup_data(memory, [rng_seed_entry(os.urandom(32))])
     e820 = build_e820([(region.guest_base, region.size) for region in memory.regions])
     write_zero_page(

@@ -26,6 +26,8 @@ DEFAULT_API_SOCK = "/run/firecracker.socket"
 DEFAULT_MAX_PAYLOAD_SIZE = 51200
 MAX_INSTANCE_ID_LENGTH = 64
 EXIT_USAGE = 1
+# Largest --config-file or --metadata file read; a stream such as /dev/zero stops here.
+MAX_JSON_FILE_BYTES = 16 << 20
 
 RuntimeFactory = Callable[..., Runtime]
 
@@ -143,9 +145,13 @@ def load_json_file(flag: str, path: str) -> Any:
     """Read a JSON file; raise UsageError naming the flag, the path and the problem."""
     try:
         with open(path, "rb") as json_file:
-            return json.load(json_file)
+            data = json_file.read(MAX_JSON_FILE_BYTES + 1)
     except OSError as error:
         raise UsageError(f"{flag}: cannot read {path!r}: {error.strerror}") from None
+    if len(data) > MAX_JSON_FILE_BYTES:
+        raise UsageError(f"{flag}: {path!r} is larger than {MAX_JSON_FILE_BYTES} bytes")
+    try:
+        return json.loads(data)
     except ValueError as error:
         raise UsageError(f"{flag}: {path!r} is not valid JSON: {error}") from None
 

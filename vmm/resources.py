@@ -138,6 +138,8 @@ def _check_host_file(label: str, path: str, mode: int) -> None:
         st = os.stat(path)
     except OSError as error:
         raise ConfigError(f"{label}: cannot open {path!r}: {error.strerror}") from None
+    except ValueError:
+        raise ConfigError(f"{label}: {path!r} contains a NUL byte; host paths cannot") from None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise ConfigError(f"{label}: {path!r} is not a regular file or block device")
     if not os.access(path, mode):

@@ -200,9 +200,11 @@ class MicroVm:
         self._register_metrics(self._machine)
         for thread in self._machine.vcpu_threads:
             thread.vcpu = _GatedVcpu(thread.vcpu, self._pause_gate)  # type: ignore[assignment]
-        self._machine.start()
+        # Everything that touches the machine comes before its start: a guest that resets at
+        # once lets the main thread close the machine while this thread is still here.
         self.metrics.flush()
         self._machine.event_loop.add_periodic(FLUSH_INTERVAL_S, self.metrics.flush)
+        self._machine.start()
         log.info("microVM started in %.1f ms", self.figures.build_ms)
 
     def send_ctrl_alt_del(self) -> None:

@@ -20,6 +20,8 @@ from pathlib import Path
 import pexpect
 
 CONSOLE_TAIL_CHARS = 3000
+# The monitor runs from this checkout, not from wherever `pip install -e` last pointed.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -108,6 +110,7 @@ class Monitor:
         self.process = pexpect.spawn(
             command, args, cwd=str(workdir), timeout=None, maxread=65536,
             encoding="utf-8", codec_errors="replace", dimensions=(50, 200),
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         )
         self.process.delaybeforesend = None
         self.api = ApiClient(self.socket_path)
