@@ -190,8 +190,11 @@ def _run(argv: Sequence[str] | None, runtime_factory: RuntimeFactory) -> int:
     metadata = None if args.metadata is None else load_json_file("--metadata", args.metadata)
     _log_seccomp_state(args)
 
-    runtime = runtime_factory(instance_id=args.id, boot_timer=args.boot_timer,
-                              metrics_path=args.metrics_path or None)
+    try:
+        runtime = runtime_factory(instance_id=args.id, boot_timer=args.boot_timer,
+                                  metrics_path=args.metrics_path or None)
+    except ValueError as error:  # the --metrics-path file cannot be opened
+        raise UsageError(f"--metrics-path: {error}") from None
     controller = Controller(VmResources(), runtime, instance_id=args.id,
                             mmds_size_limit=args.mmds_size_limit,
                             metrics_path=args.metrics_path or None)

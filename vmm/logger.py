@@ -158,6 +158,8 @@ def open_log_path(path: str) -> int:
         return os.open(path, flags, 0o600)
     except OSError as error:
         raise ValueError(f"log_path: cannot open {path!r}: {error.strerror}") from None
+    except ValueError:
+        raise ValueError(f"log_path: {path!r} contains a NUL byte; host paths cannot") from None
 
 
 def _stderr_fd() -> int:

@@ -187,6 +187,9 @@ def open_metrics_path(path: str) -> int:
         return os.open(path, flags, 0o600)
     except OSError as error:
         raise ValueError(f"metrics_path: cannot open {path!r}: {error.strerror}") from None
+    except ValueError:
+        raise ValueError(f"metrics_path: {path!r} contains a NUL byte; host paths cannot"
+                         ) from None
 
 
 class Metrics:

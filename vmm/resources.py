@@ -368,7 +368,10 @@ class VmResources:
         _replace_or_append(self.pmem, "id", dict(body))
 
     def set_vsock(self, body: dict[str, Any]) -> None:
-        """Replace the vsock device."""
+        """Replace the vsock device; raise ConfigError if uds_path contains a NUL byte."""
+        if "\0" in body["uds_path"]:
+            raise ConfigError(f"vsock: uds_path: {body['uds_path']!r} contains a NUL byte; "
+                              "host paths cannot")
         self.vsock = dict(body)
 
     def set_balloon(self, body: dict[str, Any]) -> None:

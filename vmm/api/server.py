@@ -86,7 +86,7 @@ class ApiServer:
             if staging_path != self.socket_path and os.path.exists(staging_path):
                 os.unlink(staging_path)
             raise ApiServerError(
-                f"cannot listen on API socket {self.socket_path!r}: {error.strerror}"
+                f"cannot listen on API socket {self.socket_path!r}: {error.strerror or error}"
             ) from None
         self._listener = listener
 
