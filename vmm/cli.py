@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, NoReturn, Sequence
 
@@ -202,14 +204,30 @@ def _run(argv: Sequence[str] | None, runtime_factory: RuntimeFactory) -> int:
         _apply_metadata(controller, metadata)
     server = None if args.no_api else _start_api_server(args, controller)
     _register_startup_metrics(args, runtime)
+    previous_handlers = _stop_on_signals(runtime)
     try:
         if config is not None:
             controller.apply_config(config)
             _start_from_config(controller)
         return runtime.wait()
     finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
         if server is not None:
             server.close()
+
+
+def _stop_on_signals(runtime: Runtime) -> dict[int, Any]:
+    """Make SIGINT and SIGTERM stop the VM with exit code 0; return the previous handlers.
+
+    Outside the main thread (an in-process caller) Python cannot set handlers, so none are.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, lambda _signum, _frame: runtime.shutdown(0))
+    return previous
 
 
 def _configure_logging(args: argparse.Namespace) -> None:

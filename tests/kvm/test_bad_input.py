@@ -7,6 +7,7 @@ whose fault_message names the field and the rule, and the monitor still serves G
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -144,3 +145,23 @@ def test_instance_start_survives_a_guest_that_resets_at_once(tmp_path: Path) -> 
     for status, body, exit_code in results:
         assert status == 204, body
         assert exit_code == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["term", "int"])
+def test_stop_signal_with_running_guest_exits_zero(tmp_path: Path, signum: int) -> None:
+    """SIGTERM or SIGINT once ended the monitor with 143 or a KeyboardInterrupt traceback."""
+    kernel = write_elf(tmp_path / "spin.elf", JMP_SELF)
+    monitor = Monitor(tmp_path)
+    try:
+        monitor.wait_for_api()
+        api = monitor.api
+        assert api.put("/machine-config", {"vcpu_count": 2, "mem_size_mib": 32})[0] == 204
+        assert api.put("/boot-source", {"kernel_image_path": str(kernel)})[0] == 204
+        assert api.put("/actions", {"action_type": "InstanceStart"})[0] == 204
+        monitor.process.kill(signum)
+        assert monitor.wait_exit(30) == 0
+        log = monitor.read_log()
+        assert "stop requested" in log
+        assert "Traceback" not in log
+    finally:
+        monitor.terminate()
