@@ -156,6 +156,9 @@ def load_json_file(flag: str, path: str) -> Any:
         return json.loads(data)
     except ValueError as error:
         raise UsageError(f"{flag}: {path!r} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise UsageError(f"{flag}: {path!r} nests JSON arrays or objects deeper than the "
+                         "parser's recursion limit") from None
 
 
 def _default_runtime_factory(**kwargs: Any) -> Runtime:

@@ -37,6 +37,9 @@ APP_NAME = "vmm"
 FIRECRACKER_API_VERSION = "1.12.1"
 DEFAULT_INSTANCE_ID = "anonymous-instance"
 DEFAULT_MMDS_SIZE_LIMIT = 51200
+# Deepest nesting of arrays and objects in a request body: serde_json's default recursion
+# limit, which Firecracker's API parser uses. Deeper bodies would overflow Python's stack.
+MAX_JSON_DEPTH = 128
 
 # Firecracker's wording for the phase errors; clients match these strings.
 NOT_SUPPORTED_PRE_BOOT = "The requested operation is not supported before starting the microVM."
@@ -623,9 +626,31 @@ def _decode_json(resource: str, raw_body: bytes) -> Any:
     except UnicodeDecodeError as error:
         raise ApiError(f"{resource}: the request body is not UTF-8: {error}") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant)
     except ValueError as error:
         raise ApiError(f"{resource}: the request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ApiError(f"{resource}: the request body nests JSON arrays or objects deeper "
+                       "than the parser's recursion limit") from None
+    depth = _nesting_depth(value)
+    if depth > MAX_JSON_DEPTH:
+        raise ApiError(f"{resource}: the request body nests JSON arrays or objects {depth} "
+                       f"levels deep; the limit is {MAX_JSON_DEPTH}")
+    return value
+
+
+def _nesting_depth(value: Any) -> int:
+    """Return how many arrays and objects enclose the innermost value (0 for a scalar)."""
+    deepest = 0
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth + 1)
+            pending.extend((child, depth + 1) for child in item)
+    return deepest
 
 
 def _reject_constant(name: str) -> Any:

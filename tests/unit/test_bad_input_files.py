@@ -11,7 +11,9 @@ from typing import Callable
 import pytest
 
 from vmm.api.server import ApiServer, ApiServerError
+from tests.unit.test_api_support import FakeRuntime
 from vmm.cli import MAX_JSON_FILE_BYTES, UsageError, load_json_file
+from vmm.controller import MAX_JSON_DEPTH, Controller
 from vmm.errors import ConfigError
 from vmm.logger import open_log_path
 from vmm.metrics import open_metrics_path
@@ -85,3 +87,28 @@ def test_metrics_path_in_missing_directory_exits_1_naming_it(tmp_path: Path) -> 
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert f"--metrics-path: metrics_path: cannot open {missing!r}" in result.stderr
+
+
+@pytest.mark.parametrize("depth", [700, 5000])
+def test_deeply_nested_api_body_is_400(depth: int) -> None:
+    """A body nested 700 deep once overflowed deepcopy in PUT /mmds, 5000 deep the parser."""
+    controller = Controller(VmResources(), FakeRuntime())
+    body = ('{"a":' * depth + "1" + "}" * depth).encode()
+    status, response = controller.handle("PUT", "/mmds", body)
+    assert status == 400, response
+    assert response is not None
+    assert response["fault_message"].startswith("mmds: the request body nests JSON")
+
+
+def test_api_body_at_the_depth_limit_is_accepted() -> None:
+    controller = Controller(VmResources(), FakeRuntime())
+    body = ('{"a":' * MAX_JSON_DEPTH + "1" + "}" * MAX_JSON_DEPTH).encode()
+    assert controller.handle("PUT", "/mmds", body)[0] == 204
+
+
+def test_deeply_nested_config_file_exits_with_usage_error(tmp_path: Path) -> None:
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UsageError) as caught:
+        load_json_file("--config-file", str(path))
+    assert "nests JSON arrays or objects deeper" in str(caught.value)
