@@ -269,6 +269,15 @@ class RateLimiter:
         self.timer.arm(bucket.wait_ns(tokens))
         return False
 
+    def consume_request(self, byte_count: int) -> bool:
+        """Take one op and `byte_count` bytes for one request, or neither; False when blocked."""
+        if not self.consume(1, TokenKind.OPS):
+            return False
+        if not self.consume(byte_count, TokenKind.BYTES):
+            self.replenish(1, TokenKind.OPS)
+            return False
+        return True
+
     def replenish(self, tokens: int, kind: TokenKind) -> None:
         """Return `tokens` of `kind` taken for a request that was not served."""
         bucket = self.buckets[kind]

@@ -214,3 +214,19 @@ def test_timerfd_periodic_expirations() -> None:
         assert timer.read_expirations() == 0
     finally:
         timer.close()
+
+
+def test_consume_request_takes_op_and_bytes_or_neither() -> None:
+    """A request that gets its op but not its bytes gives the op back."""
+    limiter = RateLimiter.from_config(
+        {"ops": {"size": 2, "refill_time": 1000}, "bandwidth": {"size": 100, "refill_time": 1000}},
+        clock=FakeClock(),
+    )
+    assert limiter is not None
+    try:
+        assert limiter.consume_request(60)
+        assert not limiter.consume_request(60)
+        assert limiter.buckets[TokenKind.OPS].budget == 1
+        assert limiter.buckets[TokenKind.BYTES].budget == 40
+    finally:
+        limiter.close()

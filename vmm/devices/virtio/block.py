@@ -29,7 +29,7 @@ from vmm.devices.virtio.device import (
 )
 from vmm.devices.virtio.queue import Descriptor, DescriptorChain
 from vmm.memory import GuestMemory
-from vmm.rate_limiter import RateLimiter, TokenKind
+from vmm.rate_limiter import RateLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -277,11 +277,7 @@ class Block(VirtioDevice):
         limiter = self.rate_limiter
         if limiter is None:
             return True
-        if not limiter.consume(1, TokenKind.OPS):
-            self.metrics.rate_limiter_throttled_events += 1
-            return False
-        if not limiter.consume(self._data_length(chain), TokenKind.BYTES):
-            limiter.replenish(1, TokenKind.OPS)
+        if not limiter.consume_request(self._data_length(chain)):
             self.metrics.rate_limiter_throttled_events += 1
             return False
         return True

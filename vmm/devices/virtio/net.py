@@ -328,11 +328,7 @@ class Net(VirtioDevice):
         if limiter is None:
             return True
         size = sum(descriptor.length for descriptor in chain.readable)
-        if not limiter.consume(1, TokenKind.OPS):
-            self.metrics.tx_rate_limiter_throttled += 1
-            return False
-        if not limiter.consume(size, TokenKind.BYTES):
-            limiter.replenish(1, TokenKind.OPS)
+        if not limiter.consume_request(size):
             self.metrics.tx_rate_limiter_throttled += 1
             return False
         return True
@@ -429,11 +425,7 @@ class Net(VirtioDevice):
         limiter = self.rx_rate_limiter
         if limiter is None:
             return True
-        if not limiter.consume(1, TokenKind.OPS):
-            self.metrics.rx_rate_limiter_throttled += 1
-            return False
-        if not limiter.consume(size, TokenKind.BYTES):
-            limiter.replenish(1, TokenKind.OPS)
+        if not limiter.consume_request(size):
             self.metrics.rx_rate_limiter_throttled += 1
             return False
         return True

@@ -17,7 +17,7 @@ from typing import Callable, Final
 from vmm.devices.virtio.device import VIRTIO_RING_F_EVENT_IDX, VirtioDevice, feature_bit
 from vmm.devices.virtio.queue import DescriptorChain, Queue
 from vmm.memory import GuestMemory
-from vmm.rate_limiter import RateLimiter, TokenKind
+from vmm.rate_limiter import RateLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -98,11 +98,7 @@ class Rng(VirtioDevice):
         limiter = self.rate_limiter
         if limiter is None:
             return True
-        if not limiter.consume(1, TokenKind.OPS):
-            self.metrics.entropy_rate_limiter_throttled += 1
-            return False
-        if not limiter.consume(length, TokenKind.BYTES):
-            limiter.replenish(1, TokenKind.OPS)
+        if not limiter.consume_request(length):
             self.metrics.entropy_rate_limiter_throttled += 1
             return False
         return True
