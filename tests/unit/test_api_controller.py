@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -206,21 +204,6 @@ def test_metrics_path_set_once(tmp_path: Path) -> None:
     assert "cannot be changed" in fault(call(controller, "PUT", "/metrics", body))
     from_cli = Controller(VmResources(), FakeRuntime(), metrics_path="/tmp/cli-metrics")
     assert "--metrics-path" in fault(call(from_cli, "PUT", "/metrics", body))
-
-
-@pytest.fixture
-def restore_vmm_logger() -> Iterator[None]:
-    logger = logging.getLogger("vmm")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        if handler not in saved[0]:
-            handler.close()
-    for handler in saved[0]:
-        logger.addHandler(handler)
-    logger.setLevel(saved[1])
-    logger.propagate = saved[2]
 
 
 @pytest.mark.usefixtures("restore_vmm_logger")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,21 +15,7 @@ from vmm.controller import Controller
 from vmm.resources import VmResources
 from vmm.vm import PauseGate
 
-
-@pytest.fixture(autouse=True)
-def restore_vmm_logger() -> Iterator[None]:
-    """Put back the "vmm" logger's handlers, level and propagation after each test."""
-    logger = logging.getLogger(vmm_logger.LOGGER_NAME)
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        if handler not in saved[0]:
-            handler.close()
-    for handler in saved[0]:
-        logger.addHandler(handler)
-    logger.setLevel(saved[1])
-    logger.propagate = saved[2]
+pytestmark = pytest.mark.usefixtures("restore_vmm_logger")
 
 
 def start_holders(gate: PauseGate, count: int, passed: list[int]) -> list[threading.Thread]:

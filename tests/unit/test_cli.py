@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,22 +19,9 @@ from tests.unit.test_api_support import FakeRuntime, request
 from vmm import logger as vmm_logger
 from vmm.cli import UsageError, main, parse_args
 
+pytestmark = pytest.mark.usefixtures("restore_vmm_logger")
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True)
-def restore_vmm_logger() -> Iterator[None]:
-    logger = logging.getLogger("vmm")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        if handler not in saved[0]:
-            handler.close()
-    for handler in saved[0]:
-        logger.addHandler(handler)
-    logger.setLevel(saved[1])
-    logger.propagate = saved[2]
 
 
 def run_vmm(*argv: str) -> subprocess.CompletedProcess[str]:
