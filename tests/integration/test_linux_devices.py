@@ -31,7 +31,6 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ import paramiko
 import pytest
 
 from tests.integration.microvm import Monitor
-from tests.integration.test_probe_guest import ip, tap_unusable_reason
+from tests.integration.test_probe_guest import make_tap_namespace
 
 pytestmark = [pytest.mark.kvm, pytest.mark.hardware_virt]
 
@@ -158,19 +157,8 @@ def build_tools_image(workdir: Path) -> Path:
 @contextlib.contextmanager
 def tap_namespace() -> Iterator[tuple[str, str]]:
     """Make a network namespace with a tap at HOST_ADDRESS; yield (namespace, tap)."""
-    reason = tap_unusable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    suffix = uuid.uuid4().hex[:6]
-    name, tap = f"linuxtest-{suffix}", f"linuxtap{suffix}"
-    ip("netns", "add", name)
-    try:
-        ip("-n", name, "tuntap", "add", "dev", tap, "mode", "tap")
-        ip("-n", name, "addr", "add", f"{HOST_ADDRESS}/24", "dev", tap)
-        ip("-n", name, "link", "set", tap, "up")
-        yield name, tap
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+    with make_tap_namespace("linuxtest-", "linuxtap", HOST_ADDRESS) as made:
+        yield made
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ with two vCPUs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -424,23 +425,36 @@ def ip(*arguments: str) -> None:
     subprocess.run(["ip", *arguments], check=True, capture_output=True, timeout=10)
 
 
-@pytest.fixture
-def tap_namespace() -> Iterator[tuple[str, str]]:
-    """Make a network namespace with a tap at NAMESPACE_ADDRESS; yield (namespace, tap)."""
+@contextlib.contextmanager
+def make_tap_namespace(
+    namespace_prefix: str, tap_prefix: str, address: str
+) -> Iterator[tuple[str, str]]:
+    """Make a network namespace with a tap at `address`/24; yield (namespace, tap).
+
+    Skips the test when namespaces or taps cannot be made; removes the namespace, and
+    the tap with it, even when the test fails.
+    """
     reason = tap_unusable_reason()
     if reason is not None:
         pytest.skip(reason)
     # Interface names have at most 15 characters (IFNAMSIZ 16 with the NUL).
     suffix = uuid.uuid4().hex[:6]
-    namespace, tap = f"probetest-{suffix}", f"probetap{suffix}"
+    namespace, tap = f"{namespace_prefix}{suffix}", f"{tap_prefix}{suffix}"
     ip("netns", "add", namespace)
     try:
         ip("-n", namespace, "tuntap", "add", "dev", tap, "mode", "tap")
-        ip("-n", namespace, "addr", "add", f"{NAMESPACE_ADDRESS}/24", "dev", tap)
+        ip("-n", namespace, "addr", "add", f"{address}/24", "dev", tap)
         ip("-n", namespace, "link", "set", tap, "up")
         yield namespace, tap
     finally:
         subprocess.run(["ip", "netns", "del", namespace], capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def tap_namespace() -> Iterator[tuple[str, str]]:
+    """A network namespace with a tap at NAMESPACE_ADDRESS, as (namespace, tap)."""
+    with make_tap_namespace("probetest-", "probetap", NAMESPACE_ADDRESS) as made:
+        yield made
 
 
 def arp_frame(operation: int, source_mac: bytes, source_ip: str, target_mac: bytes,
