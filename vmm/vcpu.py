@@ -34,7 +34,7 @@ KICK_SIGNAL = signal.SIGUSR1
 
 
 class StopReason(enum.Enum):
-    """Why a vCPU thread ended; the VM maps it to the process exit code."""
+    """The reason a vCPU thread ended, which the VM maps to the process exit code."""
 
     RESET = "guest reset"
     SHUTDOWN = "guest shutdown"
@@ -104,8 +104,8 @@ class VcpuThread:
     def kick(self) -> None:
         """Make KVM_RUN return now, or at once if the thread is about to enter it.
 
-        immediate_exit stays set: the code that asked for the kick clears it before the
-        guest may run again (state dumps and resume do; a stopping vCPU never runs again).
+        immediate_exit stays set, and the code that asked for the kick clears it before the
+        guest may run again. State dumps and resume do so. A stopping vCPU never runs again.
         """
         self.vcpu.request_immediate_exit(True)
         ident = self._thread.ident

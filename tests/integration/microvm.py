@@ -2,7 +2,7 @@
 
 `Monitor` starts `python -m vmm` under pexpect (the console is its stdout and
 stdin), talks to the API over the Unix socket with a plain HTTP/1.1 client, and
-reads the monitor's own log file. A console wait that times out says what it
+reads the monitor's own log file. A console wait that times out reports what it
 waited for, for how long, and shows the tail of what the guest printed.
 """
 

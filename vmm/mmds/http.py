@@ -60,7 +60,7 @@ class HttpResponse:
 
 @dataclass
 class MmdsService:
-    """Answers MMDS requests from the data store that `data_source` returns.
+    """Serves MMDS requests from the data store that `data_source` returns.
 
     `data_source` is called once per GET, so updates through the API are seen
     by the next request and a request never sees half an update.
